@@ -1,0 +1,52 @@
+//! What a commit may contain, checked before any forge writes anything.
+
+use super::ChangeSet;
+use crate::sandbox::FileContent;
+
+/// GitHub refuses blobs above 100 MiB.
+pub const MAX_BLOB_BYTES: usize = 100 * 1024 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct CommitPolicy {
+    pub allow_workflow_changes: bool,
+}
+
+impl CommitPolicy {
+    /// Refuses changes no commit of ours may contain, with a message that names the file.
+    pub fn check(&self, change: &ChangeSet) -> Result<(), super::ForgeError> {
+        for file in &change.files {
+            let path = file.path.as_str();
+            // RepoPath already refuses `.git` and `..`; this is the second line of defence.
+            if path.is_empty()
+                || path
+                    .split('/')
+                    .any(|c| c == ".." || c.eq_ignore_ascii_case(".git"))
+            {
+                return Err(super::ForgeError::new(
+                    "path_refused",
+                    format!("`{path}` may not be committed"),
+                ));
+            }
+            if !self.allow_workflow_changes && path.starts_with(".github/workflows/") {
+                return Err(super::ForgeError::new(
+                    "workflow_change_refused",
+                    format!(
+                        "`{path}` changes a GitHub Actions workflow; most tokens may not push workflows, so this is refused unless ALLOW_WORKFLOW_CHANGES=true"
+                    ),
+                ));
+            }
+            if let FileContent::File { bytes, .. } = &file.content
+                && bytes.len() > MAX_BLOB_BYTES
+            {
+                return Err(super::ForgeError::new(
+                    "file_too_large",
+                    format!(
+                        "`{path}` is {} MiB; GitHub accepts files up to 100 MiB",
+                        bytes.len() / (1024 * 1024)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,235 @@
+//! Where commands run. The pipeline and the agent's tools see only [`Sandbox`]; the `local`
+//! backend confines commands on this host, the `e2b` backend drives a remote E2B sandbox.
+//!
+//! Paths given to a sandbox are relative to the repository root inside it (the clone target).
+//! Every backend refuses paths that escape that root.
+
+pub mod confine;
+pub mod local;
+pub mod path;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use path::RepoPath;
+
+/// What to run. `command` is a shell command line run by `bash -c` in the repository root.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub command: String,
+    /// Extra environment variables (never secrets: the pipeline only ever passes fixed values).
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+    /// Bytes kept per stream; beyond it the head and tail are kept and the middle dropped.
+    pub output_cap: usize,
+}
+
+impl ExecRequest {
+    pub fn new(command: impl Into<String>) -> Self {
+        Self {
+            command: command.into(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(120),
+            output_cap: 256 * 1024,
+        }
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn output_cap(mut self, cap: usize) -> Self {
+        self.output_cap = cap;
+        self
+    }
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecOutput {
+    /// The exit status; a command killed by a signal reports `128 + signal`.
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The command ran into its timeout and was killed with everything it started.
+    pub timed_out: bool,
+    /// Some output was dropped because of the cap.
+    pub truncated: bool,
+}
+
+impl ExecOutput {
+    /// stdout then stderr as text, the form tools and events show.
+    pub fn combined(&self) -> String {
+        let mut text = crate::text::lossy(&self.stdout);
+        if !self.stderr.is_empty() {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&crate::text::lossy(&self.stderr));
+        }
+        text
+    }
+
+    pub fn success(&self) -> bool {
+        self.exit_code == 0 && !self.timed_out
+    }
+}
+
+/// A file read out of the sandbox without following symlinks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileContent {
+    File {
+        bytes: Vec<u8>,
+        executable: bool,
+    },
+    Symlink {
+        target: String,
+    },
+    /// Nothing at that path.
+    Missing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Relative to the repository root, `/`-separated.
+    pub path: String,
+    pub is_dir: bool,
+}
+
+/// Which repository to clone and how.
+#[derive(Debug, Clone)]
+pub struct CloneSpec {
+    /// A credential-free URL (`https://…` or `file://…`).
+    pub url: String,
+    /// The branch to check out; `None` means the remote's default branch.
+    pub branch: Option<String>,
+    pub timeout: Duration,
+}
+
+/// The result of a clone: the commit the work starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cloned {
+    pub head: String,
+    pub branch: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox could not be created: {0}")]
+    Create(String),
+    #[error("sandbox confinement is not available: {0}")]
+    Unconfined(String),
+    #[error("path refused: {0}")]
+    Path(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("clone failed: {0}")]
+    Clone(String),
+    #[error("the sandbox is gone: {0}")]
+    Gone(String),
+    #[error("sandbox request failed: {message}")]
+    Transport { message: String, retryable: bool },
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl SandboxError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            SandboxError::Transport { retryable, .. } => *retryable,
+            SandboxError::Create(_)
+            | SandboxError::Unconfined(_)
+            | SandboxError::Path(_)
+            | SandboxError::Io(_)
+            | SandboxError::Clone(_)
+            | SandboxError::Gone(_)
+            | SandboxError::NotFound(_) => false,
+        }
+    }
+
+    /// The snake_case code used in `Error` events.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SandboxError::Create(_) => "sandbox_create_failed",
+            SandboxError::Unconfined(_) => "sandbox_unconfined",
+            SandboxError::Path(_) => "path_refused",
+            SandboxError::Io(_) => "sandbox_io",
+            SandboxError::Clone(_) => "clone_failed",
+            SandboxError::Gone(_) => "sandbox_gone",
+            SandboxError::Transport { .. } => "sandbox_transport",
+            SandboxError::NotFound(_) => "not_found",
+        }
+    }
+}
+
+/// One job's sandbox. Implementations must be safe to call concurrently and `kill` must be
+/// idempotent.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    /// Clones the repository into the repository root and checks out the branch.
+    async fn clone_repo(&self, spec: &CloneSpec) -> Result<Cloned, SandboxError>;
+    /// Runs a command in the repository root, confined, bounded by its timeout and output cap.
+    async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError>;
+    async fn read_file(&self, path: &RepoPath) -> Result<FileContent, SandboxError>;
+    /// Reads many files in as few round trips as the backend allows (one for `e2b`).
+    async fn read_files(&self, paths: &[RepoPath]) -> Result<Vec<FileContent>, SandboxError>;
+    /// Writes a file, creating parent directories.
+    async fn write_file(&self, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError>;
+    /// Lists entries under `path` (the root when empty) up to `depth` levels, without `.git`.
+    async fn list_dir(&self, path: &RepoPath, depth: u32) -> Result<Vec<DirEntry>, SandboxError>;
+    /// Destroys the sandbox and everything running in it.
+    async fn kill(&self) -> Result<(), SandboxError>;
+}
+
+/// Creates one sandbox per job.
+#[async_trait]
+pub trait SandboxProvider: Send + Sync {
+    /// `local` or `e2b`, as shown in `Job Started` and `/healthz`.
+    fn name(&self) -> &'static str;
+    async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError>;
+}
+
+/// Owns a sandbox and kills it when dropped, so that a panic or a cancelled task cannot leak it.
+/// The pipeline calls [`SandboxGuard::kill`] itself on the normal path to see the result.
+pub struct SandboxGuard {
+    sandbox: Option<Arc<dyn Sandbox>>,
+}
+
+impl SandboxGuard {
+    pub fn new(sandbox: Arc<dyn Sandbox>) -> Self {
+        Self {
+            sandbox: Some(sandbox),
+        }
+    }
+
+    pub fn sandbox(&self) -> Option<&Arc<dyn Sandbox>> {
+        self.sandbox.as_ref()
+    }
+
+    pub async fn kill(mut self) -> Result<(), SandboxError> {
+        match self.sandbox.take() {
+            Some(sandbox) => sandbox.kill().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SandboxGuard {
+    fn drop(&mut self) {
+        if let Some(sandbox) = self.sandbox.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move {
+                        if let Err(err) = sandbox.kill().await {
+                            tracing::warn!(error = %err, "killing a dropped sandbox failed");
+                        }
+                    });
+                }
+                Err(_) => tracing::error!("sandbox dropped outside a runtime; it may leak"),
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Shared helpers for the integration tests: fake servers that speak the real wire protocols of
+//! E2B, Anthropic, OpenAI and GitHub, and a way to run the official Python SDKs against them.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod python;
