@@ -1,1 +1,327 @@
-//! Configuration read from the environment.
+//! Configuration: read once from the environment (and `.env`), validated, turned into backends.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::Provider;
+use crate::agent::dummy::DummyProvider;
+use crate::agent::retry::RetryPolicy;
+use crate::agent::runner::AgentLimits;
+use crate::forge::local::LocalForge;
+use crate::forge::policy::CommitPolicy;
+use crate::forge::{Forge, Forges};
+use crate::job::Limits;
+use crate::job::pipeline::Backends;
+use crate::redact::Redactor;
+use crate::repo::RepoPolicy;
+use crate::sandbox::SandboxProvider;
+use crate::sandbox::local::{LocalConfig, LocalProvider};
+
+/// Which sandbox backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxChoice {
+    Auto,
+    E2b,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The whole configuration, parsed from a snapshot of the environment.
+#[derive(Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    pub sandbox: SandboxChoice,
+    pub agents: Vec<String>,
+    pub allowed_repo_hosts: Vec<String>,
+    /// `None` means "the command's default" (off for `serve`, on for `run`).
+    pub allow_local_repos: Option<bool>,
+    pub limits: Limits,
+    pub job_timeout: Duration,
+    pub cors_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub allow_workflow_changes: bool,
+    pub allow_unconfined_sandbox: bool,
+    pub workspace_dir: Option<PathBuf>,
+    /// The variables themselves, for the backends that read their own (E2B, providers, GitHub).
+    vars: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Config {
+    // Hand-written so that secrets in `vars` can never be printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("api_keys", &format!("{} key(s)", self.api_keys.len()))
+            .field("sandbox", &self.sandbox)
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Variables whose values are secrets.
+pub const SECRET_VARS: &[&str] = &[
+    "E2B_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "OPENAI_API_KEY",
+    "GITHUB_TOKEN",
+    "GITHUB_PAT",
+];
+
+fn list(value: Option<&String>) -> Vec<String> {
+    value
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn boolean(vars: &HashMap<String, String>, name: &str) -> Result<Option<bool>, String> {
+    match vars.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => Ok(Some(true)),
+        Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => Ok(Some(false)),
+        Some(v) => Err(format!("{name} must be true or false, not `{v}`")),
+    }
+}
+
+fn number<T: std::str::FromStr>(
+    vars: &HashMap<String, String>,
+    name: &str,
+    default: T,
+) -> Result<T, String> {
+    match vars.get(name).map(|v| v.trim()) {
+        None | Some("") => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{name} must be a whole number, not `{v}`")),
+    }
+}
+
+impl Config {
+    /// Reads `.env` (if present) into the process environment, then parses the environment.
+    pub fn from_env() -> Result<Self, String> {
+        let _ = dotenvy::dotenv();
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, String> {
+        let get = |k: &str| vars.get(k).filter(|v| !v.trim().is_empty());
+        let sandbox = match get("SANDBOX")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("auto") => SandboxChoice::Auto,
+            Some("e2b") => SandboxChoice::E2b,
+            Some("local") => SandboxChoice::Local,
+            Some(other) => {
+                return Err(format!("SANDBOX must be e2b, local or auto, not `{other}`"));
+            }
+        };
+        let agents = match get("AGENTS") {
+            Some(v) => list(Some(v)),
+            None => vec!["anthropic".into(), "openai".into(), "dummy".into()],
+        };
+        for agent in &agents {
+            if !matches!(agent.as_str(), "anthropic" | "openai" | "dummy") {
+                return Err(format!(
+                    "AGENTS: unknown agent `{agent}` (known: anthropic, openai, dummy)"
+                ));
+            }
+        }
+        let log_format = match get("LOG_FORMAT")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(format!("LOG_FORMAT must be pretty or json, not `{other}`")),
+        };
+        let allowed_repo_hosts = match get("ALLOWED_REPO_HOSTS") {
+            Some(v) => list(Some(v))
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            None => vec!["github.com".into()],
+        };
+        let limits = Limits {
+            max_concurrent: number(&vars, "MAX_CONCURRENT_JOBS", 4usize)?.max(1),
+            max_queued: number(&vars, "MAX_QUEUED_JOBS", 16usize)?,
+            ..Limits::default()
+        };
+        let job_timeout = Duration::from_secs(number(&vars, "JOB_TIMEOUT_SECS", 1800u64)?.max(1));
+        Ok(Self {
+            host: get("HOST").cloned().unwrap_or_else(|| "127.0.0.1".into()),
+            port: number(&vars, "PORT", 8000u16)?,
+            api_keys: list(get("API_KEYS")),
+            sandbox,
+            agents,
+            allowed_repo_hosts,
+            allow_local_repos: boolean(&vars, "ALLOW_LOCAL_REPOS")?,
+            limits,
+            job_timeout,
+            cors_origins: list(get("CORS_ALLOWED_ORIGINS")),
+            log_format,
+            allow_workflow_changes: boolean(&vars, "ALLOW_WORKFLOW_CHANGES")?.unwrap_or(false),
+            allow_unconfined_sandbox: boolean(&vars, "ALLOW_UNCONFINED_SANDBOX")?.unwrap_or(false),
+            workspace_dir: get("WORKSPACE_DIR").map(PathBuf::from),
+            vars,
+        })
+    }
+
+    /// A variable's value, when set and not blank.
+    pub fn var(&self, name: &str) -> Option<String> {
+        self.vars
+            .get(name)
+            .filter(|v| !v.trim().is_empty())
+            .cloned()
+    }
+
+    /// Every configured secret, for the redactor.
+    pub fn redactor(&self) -> Redactor {
+        let mut secrets: Vec<String> = SECRET_VARS.iter().filter_map(|k| self.var(k)).collect();
+        secrets.extend(self.api_keys.iter().cloned());
+        Redactor::new(secrets)
+    }
+
+    pub fn repo_policy(&self, local_default: bool) -> RepoPolicy {
+        RepoPolicy {
+            allowed_hosts: self.allowed_repo_hosts.clone(),
+            allow_local: self.allow_local_repos.unwrap_or(local_default),
+        }
+    }
+
+    /// The sandbox backend `SANDBOX` selects.
+    pub fn sandbox_name(&self) -> &'static str {
+        match self.sandbox {
+            SandboxChoice::E2b => "e2b",
+            SandboxChoice::Local => "local",
+            SandboxChoice::Auto if self.var("E2B_API_KEY").is_some() => "e2b",
+            SandboxChoice::Auto => "local",
+        }
+    }
+
+    /// Builds the backends. `launcher` is the binary providing `__sandbox-exec`.
+    pub async fn backends(&self, launcher: PathBuf) -> Result<Backends, String> {
+        let lookup = |k: &str| self.var(k);
+        let sandbox: Arc<dyn SandboxProvider> = match self.sandbox_name() {
+            "e2b" => build_e2b(&lookup)?,
+            _ => {
+                let mut local = LocalConfig::new(launcher);
+                if let Some(dir) = &self.workspace_dir {
+                    local.root = dir.clone();
+                }
+                local.allow_unconfined = self.allow_unconfined_sandbox;
+                Arc::new(LocalProvider::new(local).await.map_err(|e| e.to_string())?)
+            }
+        };
+        let mut agents: Vec<Arc<dyn Provider>> = Vec::new();
+        for name in &self.agents {
+            match name.as_str() {
+                "dummy" => agents.push(Arc::new(DummyProvider)),
+                other => {
+                    if let Some(provider) = build_provider(other, &lookup)? {
+                        agents.push(provider);
+                    }
+                }
+            }
+        }
+        if agents.is_empty() {
+            return Err("no agent is available: set ANTHROPIC_API_KEY or OPENAI_API_KEY, or include `dummy` in AGENTS".into());
+        }
+        let forges = Forges {
+            local: Arc::new(LocalForge) as Arc<dyn Forge>,
+            remote: build_github(&lookup)?,
+        };
+        Ok(Backends {
+            sandbox,
+            agents,
+            forges,
+            commit_policy: CommitPolicy {
+                allow_workflow_changes: self.allow_workflow_changes,
+            },
+            agent_limits: AgentLimits::default(),
+            retry: RetryPolicy::default(),
+            redactor: self.redactor(),
+            job_timeout: self.job_timeout,
+            clone_timeout: Duration::from_secs(600),
+        })
+    }
+}
+
+fn build_e2b(_lookup: &dyn Fn(&str) -> Option<String>) -> Result<Arc<dyn SandboxProvider>, String> {
+    Err("SANDBOX=e2b is not available in this build".into())
+}
+
+fn build_provider(
+    _name: &str,
+    _lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Arc<dyn Provider>>, String> {
+    Ok(None)
+}
+
+fn build_github(
+    _lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Arc<dyn Forge>>, String> {
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(HashMap::new()).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8000));
+        assert_eq!(c.sandbox_name(), "local");
+        assert_eq!(c.agents, vec!["anthropic", "openai", "dummy"]);
+        assert_eq!(c.job_timeout, Duration::from_secs(1800));
+        assert!(c.repo_policy(false).allowed_hosts == vec!["github.com"]);
+    }
+
+    #[test]
+    fn auto_picks_e2b_with_a_key_and_bad_values_are_refused() {
+        let c = Config::from_vars(vars(&[("E2B_API_KEY", "e2b_secret_key")])).unwrap();
+        assert_eq!(c.sandbox_name(), "e2b");
+        assert!(Config::from_vars(vars(&[("SANDBOX", "docker")])).is_err());
+        assert!(Config::from_vars(vars(&[("PORT", "eighty")])).is_err());
+        assert!(Config::from_vars(vars(&[("AGENTS", "gpt")])).is_err());
+        assert!(Config::from_vars(vars(&[("ALLOW_LOCAL_REPOS", "maybe")])).is_err());
+    }
+
+    #[test]
+    fn secrets_are_collected_for_redaction_and_hidden_from_debug() {
+        let c = Config::from_vars(vars(&[
+            ("GITHUB_TOKEN", "ghp_canary_0000000000"),
+            ("API_KEYS", "svc-key-123456,other-key-98765"),
+        ]))
+        .unwrap();
+        let r = c.redactor();
+        assert_eq!(
+            r.redact("ghp_canary_0000000000 svc-key-123456"),
+            "[REDACTED] [REDACTED]"
+        );
+        assert!(!format!("{c:?}").contains("ghp_canary"));
+    }
+}

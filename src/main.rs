@@ -1,1 +1,430 @@
-fn main() {}
+//! The `tiny-backspace` binary: `serve` (the HTTP service) and `run` (one job in the terminal).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use tiny_backspace::config::{Config, LogFormat};
+use tiny_backspace::http::{AppState, router};
+use tiny_backspace::job::event::{DoneStatus, EventKind, StepState};
+use tiny_backspace::job::{JobRegistry, JobRequest};
+use tiny_backspace::redact::Redactor;
+use tiny_backspace::sandbox::confine::{self, ConfineSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "tiny-backspace",
+    version,
+    about = "Turns a repository URL and a plain-language request into a pull request."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service on HOST:PORT (the default).
+    Serve,
+    /// Run one job in the terminal.
+    Run {
+        /// Repository URL or local path.
+        #[arg(long)]
+        repo: String,
+        /// What to change, in plain language.
+        #[arg(long)]
+        prompt: String,
+        /// One JSON event per line instead of readable progress.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        base_branch: Option<String>,
+        /// Open the pull request as a draft.
+        #[arg(long)]
+        draft: bool,
+        /// Head branch name (default: generated, unique per job).
+        #[arg(long)]
+        branch: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // The sandbox launcher: confine this process, then exec the command. Handled before anything
+    // else so that it reads no configuration and starts no runtime.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__sandbox-exec") {
+        return match parse_confine(&args[2..]) {
+            Ok(spec) => confine::run(&spec),
+            Err(err) => {
+                eprintln!("tiny-backspace __sandbox-exec: {err}");
+                ExitCode::from(confine::EXIT_CONFINEMENT_FAILED as u8)
+            }
+        };
+    }
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("could not start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(config).await.map(|()| ExitCode::SUCCESS),
+            Command::Run {
+                repo,
+                prompt,
+                json,
+                base_branch,
+                draft,
+                branch,
+            } => run(config, repo, prompt, json, base_branch, draft, branch).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_confine(args: &[String]) -> Result<ConfineSpec, String> {
+    let mut spec = ConfineSpec {
+        writable: Vec::new(),
+        allow_unconfined: false,
+        cpu_seconds: 3600,
+        max_file_bytes: 1 << 30,
+        program: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match arg.as_str() {
+            "--write" => spec.writable.push(PathBuf::from(value("--write")?)),
+            "--allow-unconfined" => spec.allow_unconfined = true,
+            "--cpu-seconds" => {
+                spec.cpu_seconds = value("--cpu-seconds")?
+                    .parse()
+                    .map_err(|_| "bad --cpu-seconds")?
+            }
+            "--max-file-bytes" => {
+                spec.max_file_bytes = value("--max-file-bytes")?
+                    .parse()
+                    .map_err(|_| "bad --max-file-bytes")?
+            }
+            "--" => {
+                spec.program = it.cloned().collect();
+                break;
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if spec.program.is_empty() {
+        return Err("no program given after --".into());
+    }
+    Ok(spec)
+}
+
+/// Log lines go through the redactor too: a secret that slipped into a message prints as
+/// `[REDACTED]`.
+#[derive(Clone)]
+struct RedactingStderr(Redactor);
+
+impl Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(self.0.redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let redactor = config.redactor();
+    let writer = move || RedactingStderr(redactor.clone());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn launcher() -> anyhow::Result<PathBuf> {
+    std::env::current_exe()
+        .context("cannot find this program's path (needed to launch sandboxed commands)")
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let backends = config
+        .backends(launcher()?)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let registry = JobRegistry::new(Arc::new(backends), config.limits.clone());
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        repo_policy: config.repo_policy(false),
+        api_keys: config.api_keys.clone(),
+        cors_origins: config.cors_origins.clone(),
+    });
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr),
+        sandbox = registry.backends().sandbox.name(),
+        agents = ?registry.backends().agent_names(),
+        forge = registry.backends().forges.remote_name(),
+        auth = !config.api_keys.is_empty(),
+        "tiny-backspace listening"
+    );
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server error")?;
+    tracing::info!("shutting down: cancelling running jobs and destroying their sandboxes");
+    registry.shutdown(Duration::from_secs(60)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+async fn run(
+    config: Config,
+    repo: String,
+    prompt: String,
+    json: bool,
+    base_branch: Option<String>,
+    draft: bool,
+    branch: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let repo = config
+        .repo_policy(true)
+        .parse(&repo)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let prompt = prompt.trim().to_owned();
+    anyhow::ensure!(!prompt.is_empty(), "--prompt is empty");
+    let backends = config
+        .backends(launcher()?)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let registry = JobRegistry::new(Arc::new(backends), config.limits.clone());
+    let job = registry
+        .submit(JobRequest {
+            repo,
+            prompt,
+            base_branch,
+            draft,
+            branch,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut events = Box::pin(job.log().follow(0));
+    let mut interrupted = false;
+    let mut status = None;
+    loop {
+        tokio::select! {
+            item = events.next() => {
+                let Some(item) = item else { break };
+                if json {
+                    println!("{}", serde_json::to_string(&item.event)?);
+                } else {
+                    print_human(&item.event.kind);
+                }
+                if let EventKind::Done { status: s, .. } = &item.event.kind {
+                    status = Some(*s);
+                }
+            }
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                eprintln!("interrupted: cancelling the job (cleaning up the sandbox)…");
+                job.cancel();
+            }
+        }
+    }
+    registry.shutdown(Duration::from_secs(30)).await;
+    Ok(match status {
+        Some(DoneStatus::Succeeded) => ExitCode::SUCCESS,
+        Some(DoneStatus::Cancelled) => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn print_human(kind: &EventKind) {
+    let one_line = |s: &str, max: usize| {
+        let line = s.lines().next().unwrap_or("").trim();
+        if line.chars().count() > max {
+            format!("{}…", line.chars().take(max).collect::<String>())
+        } else {
+            line.to_owned()
+        }
+    };
+    match kind {
+        EventKind::JobStarted {
+            job_id,
+            repo_url,
+            sandbox,
+            agents,
+            forge,
+            ..
+        } => {
+            println!(
+                "job {job_id}\n  repo {repo_url}\n  sandbox {sandbox}, agents {}, forge {forge}",
+                agents.join(" → ")
+            );
+        }
+        EventKind::Status {
+            step,
+            state,
+            message,
+            elapsed_ms,
+        } => {
+            let mark = match state {
+                StepState::Started => "…",
+                StepState::Succeeded => "✓",
+                StepState::Failed => "✗",
+                StepState::Skipped => "-",
+            };
+            let step = serde_json::to_value(step)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let time = elapsed_ms
+                .map(|ms| format!(" ({ms} ms)"))
+                .unwrap_or_default();
+            println!("{mark} {step:<8} {message}{time}");
+        }
+        EventKind::AiMessage { message, provider } => {
+            println!("  {provider}: {}", one_line(message, 160))
+        }
+        EventKind::ToolRead {
+            filepath,
+            start_line,
+            end_line,
+        } => match (start_line, end_line) {
+            (Some(s), Some(e)) => println!("  read    {filepath}:{s}-{e}"),
+            _ => println!("  read    {filepath}"),
+        },
+        EventKind::ToolEdit {
+            filepath,
+            old_str,
+            new_str,
+        } => {
+            if old_str.is_empty() {
+                println!("  edit    {filepath} (+{} lines)", new_str.lines().count());
+            } else {
+                println!(
+                    "  edit    {filepath}: {:?} → {:?}",
+                    one_line(old_str, 40),
+                    one_line(new_str, 40)
+                );
+            }
+        }
+        EventKind::ToolBash {
+            command, exit_code, ..
+        } => println!("  $ {} (exit {exit_code})", one_line(command, 120)),
+        EventKind::ToolSearch {
+            pattern,
+            path,
+            matches,
+        } => println!("  search  {pattern:?} in {path}: {matches} matches"),
+        EventKind::AgentFallback { from, to, reason } => println!(
+            "! {from} failed ({}); {to} continues",
+            one_line(reason, 120)
+        ),
+        EventKind::Diff { files, .. } => {
+            for f in files {
+                println!(
+                    "  {:<8} {} (+{} −{})",
+                    serde_json::to_value(f.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    f.path,
+                    f.additions,
+                    f.deletions
+                );
+            }
+        }
+        EventKind::Verify {
+            command,
+            exit_code,
+            passed,
+        } => println!(
+            "  verify  {command}: {} (exit {exit_code})",
+            if *passed { "passed" } else { "failed" }
+        ),
+        EventKind::PrCreated { pr_url, draft, .. } => println!(
+            "✓ pull request {pr_url}{}",
+            if *draft { " (draft)" } else { "" }
+        ),
+        EventKind::Error { code, message, .. } => println!("✗ error [{code}] {message}"),
+        EventKind::Done {
+            status,
+            branch,
+            pr_url,
+            duration_ms,
+            summary,
+            ..
+        } => {
+            let status = match status {
+                DoneStatus::Succeeded => "succeeded",
+                DoneStatus::Failed => "failed",
+                DoneStatus::Cancelled => "cancelled",
+            };
+            println!("done: {status} in {:.1} s", *duration_ms as f64 / 1000.0);
+            if let Some(pr) = pr_url {
+                println!("  pull request: {pr}");
+            }
+            if let Some(branch) = branch {
+                println!("  branch: {branch}");
+            }
+            if !summary.is_empty() {
+                println!("  {}", one_line(summary, 200));
+            }
+        }
+    }
+}

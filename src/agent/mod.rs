@@ -1,7 +1,15 @@
 //! The coding agent: a tool-use loop over a provider-neutral [`Transcript`], with providers tried
 //! in fallback order.
 
+pub mod anthropic;
+pub mod chain;
+pub mod dummy;
+pub mod openai;
 pub mod provider;
+pub mod retry;
+pub mod runner;
+mod sse;
+pub mod tools;
 pub mod transcript;
 
 pub use provider::{

@@ -3,6 +3,7 @@
 //! A forge never sees the sandbox: the pipeline reads the changed files out of it and hands the
 //! forge a [`ChangeSet`]. That keeps credentials (the GitHub token) on the server side only.
 
+pub mod github;
 pub mod local;
 pub mod policy;
 

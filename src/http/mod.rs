@@ -1,1 +1,89 @@
-//! The HTTP API.
+//! The HTTP API (API.md §1): one `Router` built by [`router`], tested in-process.
+
+mod error;
+mod handlers;
+mod sse;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use sse::sse_frame;
+
+use crate::job::JobRegistry;
+use crate::repo::RepoPolicy;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the handlers share.
+pub struct AppState {
+    pub registry: Arc<JobRegistry>,
+    pub repo_policy: RepoPolicy,
+    /// Accepted service keys; empty means the API is open.
+    pub api_keys: Vec<String>,
+    pub cors_origins: Vec<String>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let cors = cors_layer(&state.cors_origins);
+    let protected = Router::new()
+        .route("/code", post(handlers::code))
+        .route("/jobs", post(handlers::create_job))
+        .route(
+            "/jobs/{id}",
+            get(handlers::get_job).delete(handlers::cancel_job),
+        )
+        .route("/jobs/{id}/events", get(handlers::job_events))
+        .route("/jobs/{id}/patch", get(handlers::job_patch))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::require_api_key,
+        ));
+    let mut app = Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .merge(protected)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state);
+    if let Some(cors) = cors {
+        app = app.layer(cors);
+    }
+    app
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([HeaderName::from_static("x-job-id")]),
+    )
+}

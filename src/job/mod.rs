@@ -1,7 +1,64 @@
 //! Jobs: the event wire format, the event log, the registry and the pipeline.
 
+pub mod change;
 pub mod event;
 pub mod log;
+pub mod pipeline;
+pub mod registry;
+pub mod state;
 
 pub use event::{Event, EventKind};
 pub use log::{EventLog, Sequenced};
+pub use registry::{Job, JobRegistry, JobRequest, Limits, SubmitError};
+
+use crate::redact::Redactor;
+
+/// How the pipeline, the agent and its tools report what they do: appends to the job's log,
+/// scrubbing configured secrets on the way (a last line of defence; secrets should never get
+/// this far).
+#[derive(Debug, Clone)]
+pub struct Emitter {
+    log: EventLog,
+    redactor: Redactor,
+    job_id: String,
+}
+
+impl Emitter {
+    pub fn new(log: EventLog, redactor: Redactor, job_id: impl Into<String>) -> Self {
+        Self {
+            log,
+            redactor,
+            job_id: job_id.into(),
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    pub fn emit(&self, kind: EventKind) -> Option<u64> {
+        let kind = self.scrub(kind);
+        tracing::debug!(job_id = %self.job_id, event = ?kind, "event");
+        self.log.append(kind)
+    }
+
+    fn scrub(&self, kind: EventKind) -> EventKind {
+        if self.redactor.is_empty() {
+            return kind;
+        }
+        let Ok(mut value) = serde_json::to_value(&kind) else {
+            return kind;
+        };
+        let before = value.clone();
+        self.redactor.redact_json(&mut value);
+        if value == before {
+            return kind;
+        }
+        tracing::error!(job_id = %self.job_id, "a configured secret reached an event and was redacted");
+        serde_json::from_value(value).unwrap_or(kind)
+    }
+}

@@ -11,7 +11,6 @@
 //! - rlimits: no core dumps, bounded file size, open files and CPU time.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
@@ -165,7 +164,7 @@ fn apply_seccomp() -> Result<(), String> {
     seccompiler::apply_filter(&program).map_err(|e| format!("seccomp could not be applied: {e}"))
 }
 
-/// Never returns normally; used by `main` so the helper's exit status is the command's.
-pub fn run(spec: &ConfineSpec) -> Infallible {
+/// Never returns: either the command replaces this process or the helper exits with a failure.
+pub fn run(spec: &ConfineSpec) -> ! {
     std::process::exit(confine_and_exec(spec))
 }

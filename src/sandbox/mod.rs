@@ -5,6 +5,7 @@
 //! Every backend refuses paths that escape that root.
 
 pub mod confine;
+pub mod e2b;
 pub mod local;
 pub mod path;
 

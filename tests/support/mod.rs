@@ -2,4 +2,5 @@
 //! E2B, Anthropic, OpenAI and GitHub, and a way to run the official Python SDKs against them.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fake_github;
 pub mod python;

@@ -1,0 +1,907 @@
+//! The `github` forge: one commit made through GitHub's Git Data API, then a pull request.
+//!
+//! The server reads the change out of the sandbox and writes it here as git objects, so the token
+//! never enters the sandbox. A publish costs a constant number of requests for text files
+//! (`GET repo`, `GET ref`, `GET commit`, `POST tree` with inline contents, `POST commit`,
+//! `POST ref`, `POST pulls`: seven); only binary files add one blob upload each.
+//!
+//! Every write is idempotent, because octocrab re-sends POSTs after a 5xx and callers retry: an
+//! existing branch holding the same tree on the same parent is reused, and "A pull request already
+//! exists" is answered by looking the pull request up.
+
+mod error;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use octocrab::Octocrab;
+use octocrab::models::commits::GitCommitObject;
+use octocrab::models::git::GitTree;
+use octocrab::models::repos::{CommitAuthor, Object, Ref};
+use octocrab::params::repos::Reference;
+use octocrab::service::middleware::retry::RetryConfig;
+use serde_json::{Value, json};
+
+use self::error::{Ctx, Failure};
+use super::local::{AUTHOR_EMAIL, AUTHOR_NAME};
+use super::{
+    ChangeSet, Forge, ForgeError, PublishMode, PullRequest, PullRequestDraft, PushedBranch,
+    RepoInfo,
+};
+use crate::repo::RepoRef;
+use crate::sandbox::FileContent;
+
+pub const DEFAULT_API_URL: &str = "https://api.github.com";
+
+/// Text files up to this size go inline in the tree request; larger ones are uploaded as blobs.
+const MAX_INLINE_FILE: usize = 1024 * 1024;
+/// Inline contents stop at this total per tree request; the rest go as blobs.
+const MAX_INLINE_TOTAL: usize = 16 * 1024 * 1024;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The bound on one call, octocrab's own retries included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Blob uploads carry up to 100 MiB of base64.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// GitHub: "If this takes longer than 5 minutes, be sure to contact GitHub Support."
+const FORK_WAIT: Duration = Duration::from_secs(300);
+const FORK_POLL: Duration = Duration::from_secs(2);
+
+const READ_NEEDS: &str = "read access (classic token: `repo` scope for private repositories; fine-grained: Metadata and Contents: read)";
+const WRITE_NEEDS: &str = "Contents: write (classic token: `repo` or `public_repo` scope)";
+const PULL_NEEDS: &str = "Pull requests: write (classic token: `repo` or `public_repo` scope)";
+const FORK_NEEDS: &str = "permission to fork (classic token: `repo` or `public_repo` scope; fine-grained: Administration: write and Contents: read)";
+
+/// Where GitHub is and how to authenticate. Built from the environment by [`Self::from_lookup`].
+#[derive(Clone)]
+pub struct GithubConfig {
+    pub token: String,
+    /// REST root: `https://api.github.com`, or `https://HOST/api/v3` for GitHub Enterprise Server.
+    pub api_url: String,
+}
+
+impl fmt::Debug for GithubConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GithubConfig")
+            .field("token", &"[REDACTED]")
+            .field("api_url", &self.api_url)
+            .finish()
+    }
+}
+
+impl GithubConfig {
+    /// `GITHUB_TOKEN`, else `GITHUB_PAT` (blank values count as unset), and `GITHUB_API_URL`
+    /// (default `https://api.github.com`). `None` when no token is set.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Option<GithubConfig> {
+        let token = ["GITHUB_TOKEN", "GITHUB_PAT"]
+            .into_iter()
+            .filter_map(|key| lookup(key))
+            .map(|t| t.trim().to_owned())
+            .find(|t| !t.is_empty())?;
+        let api_url = lookup("GITHUB_API_URL")
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| DEFAULT_API_URL.to_owned());
+        Some(GithubConfig { token, api_url })
+    }
+}
+
+/// The GitHub forge. Cheap to share behind an `Arc`.
+pub struct GithubForge {
+    crab: Octocrab,
+    /// Kept only to scrub it from anything GitHub might echo back.
+    token: String,
+    fork_wait: Duration,
+    fork_poll: Duration,
+}
+
+impl fmt::Debug for GithubForge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GithubForge").finish_non_exhaustive()
+    }
+}
+
+/// The repository a branch is written to: the upstream itself, or the token owner's fork.
+#[derive(Debug, Clone)]
+struct Target {
+    owner: String,
+    name: String,
+    fork: bool,
+}
+
+impl Target {
+    fn full_name(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+}
+
+/// Why writing the branch stopped.
+enum WriteError {
+    /// The first write was refused with 403/404: the token cannot push here after all.
+    NoWriteAccess(Failure, Ctx),
+    Forge(ForgeError),
+}
+
+impl From<ForgeError> for WriteError {
+    fn from(e: ForgeError) -> Self {
+        WriteError::Forge(e)
+    }
+}
+
+/// One tree entry of the commit.
+enum Entry {
+    /// UTF-8 content GitHub turns into a blob itself.
+    Inline {
+        path: String,
+        mode: &'static str,
+        content: String,
+    },
+    /// Binary (or large) content, uploaded first.
+    Blob {
+        path: String,
+        mode: &'static str,
+        bytes: Vec<u8>,
+    },
+    /// `"sha": null` removes the path.
+    Delete { path: String },
+}
+
+impl GithubForge {
+    pub fn new(config: GithubConfig) -> Result<GithubForge, ForgeError> {
+        let api_url = config.api_url.trim().trim_end_matches('/').to_owned();
+        let parsed = url::Url::parse(&api_url).map_err(|e| {
+            ForgeError::new(
+                "invalid_github_api_url",
+                format!("GITHUB_API_URL `{api_url}` is not a URL: {e}"),
+            )
+        })?;
+        if !matches!(parsed.scheme(), "https" | "http")
+            || parsed.host_str().is_none()
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+            || parsed.query().is_some()
+        {
+            return Err(ForgeError::new(
+                "invalid_github_api_url",
+                format!(
+                    "GITHUB_API_URL must look like https://api.github.com or https://HOST/api/v3, not `{api_url}`"
+                ),
+            ));
+        }
+        let token = config.token.trim().to_owned();
+        if token.is_empty() {
+            return Err(ForgeError::new(
+                "github_token_missing",
+                "GITHUB_TOKEN is empty",
+            ));
+        }
+        let crab = Octocrab::builder()
+            .base_uri(api_url.as_str())
+            .map_err(|_| {
+                ForgeError::new(
+                    "invalid_github_api_url",
+                    format!("GITHUB_API_URL `{api_url}` is not a valid base URI"),
+                )
+            })?
+            .personal_token(token.clone())
+            // 5xx and 429 are retried twice; writes are idempotent (see the module doc).
+            .add_retry_config(RetryConfig::Simple(2))
+            .set_connect_timeout(Some(CONNECT_TIMEOUT))
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .set_write_timeout(Some(READ_TIMEOUT))
+            .build()
+            .map_err(|e| {
+                let message = Failure::from_octocrab(e).message;
+                ForgeError::new(
+                    "github_client_failed",
+                    format!("could not set up the GitHub client: {message}"),
+                )
+            })?;
+        Ok(GithubForge {
+            crab,
+            token,
+            fork_wait: FORK_WAIT,
+            fork_poll: FORK_POLL,
+        })
+    }
+
+    /// How long to wait for a new fork to become usable, and how often to look.
+    pub fn with_fork_wait(mut self, total: Duration, poll: Duration) -> Self {
+        self.fork_wait = total;
+        self.fork_poll = poll;
+        self
+    }
+
+    /// Runs one octocrab call with a deadline, reducing any failure to a [`Failure`].
+    async fn raw<T>(
+        &self,
+        limit: Duration,
+        fut: impl Future<Output = octocrab::Result<T>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Failure::from_octocrab(e)),
+            Err(_) => Err(Failure::timeout(limit.as_secs())),
+        }
+    }
+
+    /// [`Self::raw`] with the failure worded for `ctx`.
+    async fn call<T>(
+        &self,
+        ctx: &Ctx,
+        fut: impl Future<Output = octocrab::Result<T>>,
+    ) -> Result<T, ForgeError> {
+        match self.raw(CALL_TIMEOUT, fut).await {
+            Ok(value) => Ok(value),
+            Err(failure) => Err(self.fail(failure, ctx)),
+        }
+    }
+
+    /// Words a failure, logs it (message only: octocrab's `Debug` carries backtraces) and makes
+    /// sure the token cannot be in it.
+    fn fail(&self, failure: Failure, ctx: &Ctx) -> ForgeError {
+        let mut err = failure.into_forge_error(ctx);
+        err.message = self.scrub(&err.message);
+        tracing::warn!(code = err.code, repo = %ctx.repo, action = ctx.action, "github: {}", err.message);
+        err
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        if self.token.len() >= 4 && text.contains(&self.token) {
+            text.replace(&self.token, "[REDACTED]")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    async fn get_ref(&self, target: &Target, branch: &str) -> Result<Ref, Failure> {
+        self.raw(
+            CALL_TIMEOUT,
+            self.crab
+                .git(&target.owner, &target.name)
+                .get_ref(&Reference::Branch(encode_branch(branch))),
+        )
+        .await
+    }
+
+    async fn get_commit(&self, target: &Target, sha: &str) -> Result<GitCommitObject, Failure> {
+        self.raw(
+            CALL_TIMEOUT,
+            self.crab.git(&target.owner, &target.name).get_commit(sha),
+        )
+        .await
+    }
+
+    /// Forks `upstream` for the token's owner (GitHub returns the existing fork when there is
+    /// one) and waits, boundedly, until `base_commit` can be read in it.
+    async fn ensure_fork(
+        &self,
+        owner: &str,
+        name: &str,
+        base_branch: &str,
+        base_commit: &str,
+    ) -> Result<(Target, String), ForgeError> {
+        let upstream = format!("{owner}/{name}");
+        let ctx = Ctx::new("fork the repository", upstream.clone(), FORK_NEEDS);
+        let fork = self
+            .call(
+                &ctx,
+                self.crab
+                    .repos(owner, name)
+                    .create_fork()
+                    .default_branch_only(false)
+                    .send(),
+            )
+            .await?;
+        let fork_owner = fork
+            .owner
+            .as_ref()
+            .map(|o| o.login.clone())
+            .ok_or_else(|| {
+                ForgeError::new(
+                    "github_bad_response",
+                    format!("GitHub's answer to forking {upstream} names no owner"),
+                )
+            })?;
+        let target = Target {
+            owner: fork_owner,
+            name: fork.name.clone(),
+            fork: true,
+        };
+        tracing::info!(upstream = %upstream, fork = %target.full_name(), "github: using fork");
+
+        let deadline = tokio::time::Instant::now() + self.fork_wait;
+        let mut synced = false;
+        loop {
+            match self.get_commit(&target, base_commit).await {
+                Ok(commit) => return Ok((target, commit.tree.sha)),
+                Err(f) if matches!(f.status(), Some(404 | 409)) => {
+                    // A fresh fork is still being copied (409 "Git Repository is empty." or
+                    // 404); an old one may predate the base commit, so sync it once.
+                    if !synced {
+                        synced = true;
+                        self.sync_fork(&target, base_branch).await;
+                    }
+                }
+                Err(f) => {
+                    let ctx = Ctx::new("read the fork", target.full_name(), READ_NEEDS);
+                    return Err(self.fail(f, &ctx));
+                }
+            }
+            if tokio::time::Instant::now() + self.fork_poll > deadline {
+                return Err(ForgeError {
+                    code: "fork_not_ready",
+                    message: format!(
+                        "the fork {} of {upstream} was not ready after {} seconds; try again later",
+                        target.full_name(),
+                        self.fork_wait.as_secs()
+                    ),
+                    retryable: true,
+                });
+            }
+            tokio::time::sleep(self.fork_poll).await;
+        }
+    }
+
+    /// Best effort: fast-forwards the fork's `branch` to upstream's, so an old fork holds the base
+    /// commit. Failures (diverged fork, branch missing in the fork) are only logged.
+    async fn sync_fork(&self, fork: &Target, branch: &str) {
+        let route = format!("/repos/{}/{}/merge-upstream", fork.owner, fork.name);
+        let result: Result<Value, Failure> = self
+            .raw(
+                CALL_TIMEOUT,
+                self.crab.post(route, Some(&json!({ "branch": branch }))),
+            )
+            .await;
+        if let Err(f) = result {
+            tracing::debug!(fork = %fork.full_name(), "github: fork sync skipped: {}", f.message);
+        }
+    }
+
+    /// Turns the change into tree entries, deciding inline content versus blob per file.
+    fn entries(change: &ChangeSet) -> Vec<Entry> {
+        let mut inline_total = 0usize;
+        change
+            .files
+            .iter()
+            .map(|file| {
+                let path = file.path.as_str().to_owned();
+                match &file.content {
+                    FileContent::Missing => Entry::Delete { path },
+                    FileContent::Symlink { target } => Entry::Inline {
+                        path,
+                        mode: "120000",
+                        content: target.clone(),
+                    },
+                    FileContent::File { bytes, executable } => {
+                        let mode = if *executable { "100755" } else { "100644" };
+                        let text = std::str::from_utf8(bytes)
+                            .ok()
+                            .filter(|t| !t.contains('\0'))
+                            .filter(|t| t.len() <= MAX_INLINE_FILE)
+                            .filter(|t| inline_total + t.len() <= MAX_INLINE_TOTAL);
+                        match text {
+                            Some(text) => {
+                                inline_total += text.len();
+                                Entry::Inline {
+                                    path,
+                                    mode,
+                                    content: text.to_owned(),
+                                }
+                            }
+                            None => Entry::Blob {
+                                path,
+                                mode,
+                                bytes: bytes.clone(),
+                            },
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Writes blobs, the tree, the commit and the branch into `target`. Returns the commit.
+    async fn write_branch(
+        &self,
+        target: &Target,
+        base_tree: &str,
+        change: &ChangeSet,
+        branch: &str,
+        message: &str,
+    ) -> Result<String, WriteError> {
+        let workflows = change
+            .files
+            .iter()
+            .any(|f| f.path.as_str().starts_with(".github/workflows/"));
+        let repo = target.full_name();
+        let git = self.crab.git(&target.owner, &target.name);
+        // Only the first write may send us to the fork flow.
+        let mut first_write = !target.fork;
+
+        let mut tree = Vec::with_capacity(change.files.len());
+        for entry in Self::entries(change) {
+            tree.push(match entry {
+                Entry::Inline {
+                    path,
+                    mode,
+                    content,
+                } => json!({ "path": path, "mode": mode, "type": "blob", "content": content }),
+                Entry::Delete { path } => {
+                    json!({ "path": path, "mode": "100644", "type": "blob", "sha": null })
+                }
+                Entry::Blob { path, mode, bytes } => {
+                    let ctx = Ctx::new("upload a file", repo.clone(), WRITE_NEEDS)
+                        .with_workflows(workflows);
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                    let blob = self
+                        .raw(
+                            UPLOAD_TIMEOUT,
+                            git.create_blob(encoded).encoding("base64").send(),
+                        )
+                        .await;
+                    let blob = match blob {
+                        Ok(blob) => blob,
+                        Err(f) if first_write && f.is_no_write_access() => {
+                            return Err(WriteError::NoWriteAccess(f, ctx));
+                        }
+                        Err(f) => return Err(self.fail(f, &ctx).into()),
+                    };
+                    first_write = false;
+                    json!({ "path": path, "mode": mode, "type": "blob", "sha": blob.sha })
+                }
+            });
+        }
+
+        // Raw, because the typed `CreateTreeEntry` cannot send `"sha": null` for deletions.
+        let ctx = Ctx::new("create the commit's tree", repo.clone(), WRITE_NEEDS)
+            .with_workflows(workflows);
+        let body = json!({ "base_tree": base_tree, "tree": tree });
+        let created: Result<GitTree, Failure> = self
+            .raw(
+                UPLOAD_TIMEOUT,
+                self.crab.post(
+                    format!("/repos/{}/{}/git/trees", target.owner, target.name),
+                    Some(&body),
+                ),
+            )
+            .await;
+        let tree_sha = match created {
+            Ok(tree) => tree.sha,
+            Err(f) if first_write && f.is_no_write_access() => {
+                return Err(WriteError::NoWriteAccess(f, ctx));
+            }
+            Err(f) => return Err(self.fail(f, &ctx).into()),
+        };
+
+        let identity = CommitAuthor {
+            name: AUTHOR_NAME.to_owned(),
+            email: Some(AUTHOR_EMAIL.to_owned()),
+            date: None,
+        };
+        let ctx =
+            Ctx::new("create the commit", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
+        let commit = self
+            .call(
+                &ctx,
+                git.create_commit(message, tree_sha.clone())
+                    .parents(vec![change.base_commit.clone()])
+                    .author(identity.clone())
+                    .committer(identity)
+                    .send(),
+            )
+            .await?;
+
+        let ctx =
+            Ctx::new("create the branch", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
+        let created = self
+            .raw(
+                CALL_TIMEOUT,
+                git.create_ref(&Reference::Branch(branch.to_owned()), commit.sha.clone()),
+            )
+            .await;
+        match created {
+            Ok(_) => Ok(commit.sha),
+            Err(f) if f.status() == Some(422) && f.mentions("already exists") => {
+                // A retry (ours or octocrab's) of a publish that got this far: reuse the branch
+                // when it holds the same tree on the same parent.
+                self.reuse_branch(target, branch, &commit.sha, &tree_sha, &change.base_commit)
+                    .await
+                    .map_err(WriteError::Forge)
+            }
+            Err(f) => Err(self.fail(f, &ctx).into()),
+        }
+    }
+
+    async fn reuse_branch(
+        &self,
+        target: &Target,
+        branch: &str,
+        commit: &str,
+        tree: &str,
+        parent: &str,
+    ) -> Result<String, ForgeError> {
+        let ctx = Ctx::new("read the existing branch", target.full_name(), READ_NEEDS);
+        let existing = self
+            .get_ref(target, branch)
+            .await
+            .map_err(|f| self.fail(f, &ctx))?;
+        let sha = match existing.object {
+            Object::Commit { sha, .. } => sha,
+            // Branches point at commits; anything else is someone else's ref.
+            _ => {
+                return Err(ForgeError::new(
+                    "branch_exists",
+                    format!(
+                        "`refs/heads/{branch}` already exists on {} and does not point at a commit",
+                        target.full_name()
+                    ),
+                ));
+            }
+        };
+        if sha == commit {
+            return Ok(sha);
+        }
+        let ctx = Ctx::new(
+            "read the existing branch's commit",
+            target.full_name(),
+            READ_NEEDS,
+        );
+        let other = self
+            .get_commit(target, &sha)
+            .await
+            .map_err(|f| self.fail(f, &ctx))?;
+        let same_parent = other.parents.len() == 1
+            && other.parents.first().and_then(|p| p.sha.as_deref()) == Some(parent);
+        if other.tree.sha == tree && same_parent {
+            tracing::info!(repo = %target.full_name(), branch, "github: branch already holds this change; reusing it");
+            return Ok(sha);
+        }
+        Err(ForgeError::new(
+            "branch_exists",
+            format!(
+                "branch `{branch}` already exists on {} with different content; choose another branch name",
+                target.full_name()
+            ),
+        ))
+    }
+}
+
+fn remote(repo: &RepoRef) -> Result<(&str, &str), ForgeError> {
+    match repo {
+        RepoRef::Remote { owner, name, .. } => Ok((owner, name)),
+        RepoRef::Local { .. } => Err(ForgeError::new(
+            "unsupported_repo",
+            "the github forge only handles GitHub repositories",
+        )),
+    }
+}
+
+/// Percent-encodes each segment of a branch name for use in a route, keeping the `/` separators
+/// (octocrab interpolates names unencoded).
+fn encode_branch(branch: &str) -> String {
+    let mut out = String::with_capacity(branch.len());
+    for byte in branch.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Branch names we create: the characters git and URLs both take without escaping.
+fn check_branch(branch: &str) -> Result<(), ForgeError> {
+    let ok = !branch.is_empty()
+        && branch.len() <= 200
+        && branch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        && !branch.contains("..")
+        && !branch.ends_with(".lock")
+        && !branch.ends_with('.')
+        && branch
+            .split('/')
+            .all(|segment| !segment.is_empty() && !segment.starts_with('.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ForgeError::new(
+            "invalid_branch",
+            format!(
+                "`{branch}` is not a valid branch name (use letters, digits, `-`, `_`, `.` and `/`)"
+            ),
+        ))
+    }
+}
+
+#[async_trait]
+impl Forge for GithubForge {
+    fn name(&self) -> &'static str {
+        "github"
+    }
+
+    async fn prepare(
+        &self,
+        repo: &RepoRef,
+        base_branch: Option<&str>,
+    ) -> Result<RepoInfo, ForgeError> {
+        let (owner, name) = remote(repo)?;
+        let full = format!("{owner}/{name}");
+        let ctx = Ctx::new("read the repository", full.clone(), READ_NEEDS);
+        let meta = self.call(&ctx, self.crab.repos(owner, name).get()).await?;
+        if meta.archived == Some(true) {
+            return Err(ForgeError::new(
+                "github_repo_archived",
+                format!("{full} is archived on GitHub, so no branch or pull request can be added"),
+            ));
+        }
+        let branch = match base_branch {
+            Some(b) => b.to_owned(),
+            None => meta.default_branch.clone().ok_or_else(|| {
+                ForgeError::new(
+                    "github_empty_repository",
+                    format!("{full} has no default branch (is it empty?); pass baseBranch"),
+                )
+            })?,
+        };
+        let target = Target {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            fork: false,
+        };
+        let ctx = Ctx::new("read the base branch", full.clone(), READ_NEEDS);
+        let head = match self.get_ref(&target, &branch).await {
+            Ok(head) => head,
+            Err(f) if f.status() == Some(404) => {
+                return Err(ForgeError::new(
+                    "base_branch_not_found",
+                    format!("branch `{branch}` does not exist in {full}"),
+                ));
+            }
+            Err(f) if f.status() == Some(409) => {
+                return Err(ForgeError::new(
+                    "github_empty_repository",
+                    format!(
+                        "{full} is empty (GitHub: \"{}\"); push a first commit",
+                        f.message
+                    ),
+                ));
+            }
+            Err(f) => return Err(self.fail(f, &ctx)),
+        };
+        let base_commit = match head.object {
+            Object::Commit { sha, .. } => sha,
+            // `Object` is non-exhaustive.
+            _ => {
+                return Err(ForgeError::new(
+                    "base_branch_not_found",
+                    format!("`{branch}` in {full} does not point at a commit"),
+                ));
+            }
+        };
+        // `permissions` reflects the user's role, not what the token may do; a refused first
+        // write still falls back to the fork flow (see `push_branch`).
+        let can_push = meta.permissions.as_ref().map(|p| p.push).unwrap_or(true);
+        let clone_url = meta
+            .clone_url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| repo.clone_url());
+        Ok(RepoInfo {
+            repo: repo.clone(),
+            clone_url,
+            base_branch: Some(branch),
+            base_commit: Some(base_commit),
+            publish: if can_push {
+                PublishMode::Push
+            } else {
+                PublishMode::Fork
+            },
+        })
+    }
+
+    async fn push_branch(
+        &self,
+        info: &RepoInfo,
+        change: &ChangeSet,
+        branch: &str,
+        message: &str,
+    ) -> Result<PushedBranch, ForgeError> {
+        let (owner, name) = remote(&info.repo)?;
+        check_branch(branch)?;
+        if change.files.is_empty() {
+            return Err(ForgeError::new(
+                "empty_change",
+                "there is nothing to commit",
+            ));
+        }
+        let base_branch = info.base_branch.as_deref().ok_or_else(|| {
+            ForgeError::new(
+                "base_branch_not_found",
+                "no base branch is known; run prepare first",
+            )
+        })?;
+        let mut fork = match &info.publish {
+            PublishMode::Push => false,
+            PublishMode::Fork => true,
+            PublishMode::Skip(why) => {
+                return Err(ForgeError::new("publish_disabled", why.clone()));
+            }
+        };
+        let message = self.scrub(message);
+        loop {
+            let (target, base_tree) = if fork {
+                self.ensure_fork(owner, name, base_branch, &change.base_commit)
+                    .await?
+            } else {
+                let target = Target {
+                    owner: owner.to_owned(),
+                    name: name.to_owned(),
+                    fork: false,
+                };
+                let ctx = Ctx::new("read the base commit", target.full_name(), READ_NEEDS);
+                let base = self
+                    .get_commit(&target, &change.base_commit)
+                    .await
+                    .map_err(|f| self.fail(f, &ctx))?;
+                (target, base.tree.sha)
+            };
+            match self
+                .write_branch(&target, &base_tree, change, branch, &message)
+                .await
+            {
+                Ok(commit) => {
+                    let head_ref = if target.fork {
+                        format!("{}:{branch}", target.owner)
+                    } else {
+                        branch.to_owned()
+                    };
+                    return Ok(PushedBranch {
+                        branch: branch.to_owned(),
+                        commit,
+                        head_ref,
+                    });
+                }
+                Err(WriteError::NoWriteAccess(f, ctx)) => {
+                    if fork {
+                        return Err(self.fail(f, &ctx));
+                    }
+                    tracing::info!(repo = %target.full_name(), "github: no write access after all ({}); using a fork", f.message);
+                    fork = true;
+                }
+                Err(WriteError::Forge(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn open_pull_request(
+        &self,
+        info: &RepoInfo,
+        pushed: &PushedBranch,
+        pr: &PullRequestDraft,
+    ) -> Result<Option<PullRequest>, ForgeError> {
+        let (owner, name) = remote(&info.repo)?;
+        let full = format!("{owner}/{name}");
+        let base = info.base_branch.as_deref().ok_or_else(|| {
+            ForgeError::new(
+                "base_branch_not_found",
+                "no base branch is known; run prepare first",
+            )
+        })?;
+        let from_fork = pushed.head_ref.contains(':');
+        let title = self.scrub(&pr.title);
+        let body = self.scrub(&pr.body);
+        let pulls = self.crab.pulls(owner, name);
+        let ctx = Ctx::new("open the pull request", full.clone(), PULL_NEEDS);
+
+        let mut draft = pr.draft;
+        let created = loop {
+            let mut request = pulls
+                .create(title.clone(), pushed.head_ref.clone(), base.to_owned())
+                .body(body.clone())
+                .draft(draft);
+            if from_fork {
+                request = request.maintainer_can_modify(true);
+            }
+            match self.raw(CALL_TIMEOUT, request.send()).await {
+                Ok(created) => break Some(created),
+                Err(f) if f.status() == Some(422) && f.mentions("already exists") => break None,
+                Err(f) if f.status() == Some(422) && draft && f.mentions("draft") => {
+                    // Draft pull requests are unavailable on some plans: open a normal one.
+                    tracing::info!(repo = %full, "github: draft pull requests unavailable ({}); opening a normal one", f.message);
+                    draft = false;
+                }
+                Err(f) => return Err(self.fail(f, &ctx)),
+            }
+        };
+        let created = match created {
+            Some(created) => created,
+            None => {
+                // Opened by an earlier attempt: find it.
+                let head = if from_fork {
+                    pushed.head_ref.clone()
+                } else {
+                    format!("{owner}:{}", pushed.head_ref)
+                };
+                let ctx = Ctx::new("find the existing pull request", full.clone(), READ_NEEDS);
+                let page = self
+                    .call(
+                        &ctx,
+                        pulls
+                            .list()
+                            .head(head.clone())
+                            .state(octocrab::params::State::Open)
+                            .send(),
+                    )
+                    .await?;
+                page.items.into_iter().next().ok_or_else(|| {
+                    ForgeError::new(
+                        "github_validation_failed",
+                        format!(
+                            "GitHub says a pull request already exists for {head} on {full}, but none is open"
+                        ),
+                    )
+                })?
+            }
+        };
+        let url = created
+            .html_url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| created.url.clone());
+        Ok(Some(PullRequest {
+            url,
+            number: created.number,
+            draft: created.draft.unwrap_or(draft),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_prefers_github_token_and_defaults_the_api_url() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |key: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let config =
+            GithubConfig::from_lookup(env(&[("GITHUB_TOKEN", "t1"), ("GITHUB_PAT", "t2")]))
+                .unwrap();
+        assert_eq!(config.token, "t1");
+        assert_eq!(config.api_url, DEFAULT_API_URL);
+        let config = GithubConfig::from_lookup(env(&[
+            ("GITHUB_TOKEN", " "),
+            ("GITHUB_PAT", "t2"),
+            ("GITHUB_API_URL", "https://ghe.example/api/v3"),
+        ]))
+        .unwrap();
+        assert_eq!(config.token, "t2");
+        assert_eq!(config.api_url, "https://ghe.example/api/v3");
+        assert!(GithubConfig::from_lookup(env(&[])).is_none());
+        assert!(!format!("{config:?}").contains("t2"));
+    }
+
+    #[test]
+    fn branch_names_are_checked_and_encoded() {
+        assert!(check_branch("tiny-backspace/fix-readme-1a2b3c").is_ok());
+        for bad in [
+            "", "a..b", "a b", "a/", "/a", "a//b", "a.lock", ".a", "a/.b", "a#b",
+        ] {
+            assert!(check_branch(bad).is_err(), "{bad}");
+        }
+        assert_eq!(encode_branch("feat/a b#c"), "feat/a%20b%23c");
+    }
+}

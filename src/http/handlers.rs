@@ -1,0 +1,367 @@
+//! Route handlers. Every request the client got wrong is refused here, before any sandbox, model
+//! or GitHub call.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, sse};
+use crate::job::state::JobView;
+use crate::job::{Job, JobRequest, SubmitError};
+
+/// Longest prompt accepted, in characters.
+pub const MAX_PROMPT_CHARS: usize = 20_000;
+
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let backends = state.registry.backends();
+    Json(json!({
+        "status": "ok",
+        "sandbox": backends.sandbox.name(),
+        "agents": backends.agent_names(),
+        "forge": backends.forges.remote_name(),
+    }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}
+
+/// `Authorization: Bearer <key>` or `X-API-Key: <key>` when `API_KEYS` is set.
+pub async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim);
+    let ok = presented.is_some_and(|key| {
+        state
+            .api_keys
+            .iter()
+            .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes()))
+    });
+    if ok {
+        next.run(request).await
+    } else {
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Parses and validates a job request body.
+fn parse_request(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<JobRequest, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than {} KiB",
+                    super::MAX_BODY_BYTES / 1024
+                ),
+            )
+        } else {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("the request body could not be read: {rejection}"),
+            )
+        }
+    })?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    };
+    let string = |name: &str, required: bool| -> Result<Option<String>, ApiError> {
+        match fields.get(name) {
+            None | Some(Value::Null) if required => Err(ApiError::bad_request(
+                "missing_field",
+                format!("`{name}` is required"),
+            )),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::bad_request(
+                "invalid_field",
+                format!("`{name}` must be a string"),
+            )),
+        }
+    };
+    let repo_url = string("repoUrl", true)?.unwrap_or_default();
+    let prompt = string("prompt", true)?.unwrap_or_default();
+    let base_branch = string("baseBranch", false)?;
+    let branch = string("branch", false)?;
+    let draft = match fields.get("draft") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "`draft` must be true or false",
+            ));
+        }
+    };
+    let prompt = prompt.trim().to_owned();
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("empty_prompt", "`prompt` is empty"));
+    }
+    let chars = prompt.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(ApiError::bad_request(
+            "prompt_too_long",
+            format!("`prompt` has {chars} characters; the limit is {MAX_PROMPT_CHARS}"),
+        ));
+    }
+    for (name, value) in [("baseBranch", &base_branch), ("branch", &branch)] {
+        if let Some(v) = value
+            && !valid_branch(v)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_branch",
+                format!("`{name}` is not a valid git branch name"),
+            ));
+        }
+    }
+    let repo = state
+        .repo_policy
+        .parse(&repo_url)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    Ok(JobRequest {
+        repo,
+        prompt,
+        base_branch,
+        draft,
+        branch,
+    })
+}
+
+/// git's branch name rules (`git check-ref-format --branch`), restricted to a safe alphabet.
+pub fn valid_branch(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && !name.starts_with(['-', '/', '.'])
+        && !name.ends_with(['/', '.'])
+        && !name.ends_with(".lock")
+        && !name.contains("..")
+        && !name.contains("//")
+        && !name.contains("/.")
+        && name != "HEAD"
+}
+
+fn submit(state: &AppState, request: JobRequest) -> Result<Arc<Job>, ApiError> {
+    state.registry.submit(request).map_err(|err| match err {
+        SubmitError::Busy { retry_after, .. } => ApiError {
+            retry_after: Some(retry_after.as_secs()),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_jobs",
+                err.to_string(),
+            )
+        },
+        SubmitError::ShuttingDown => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            err.to_string(),
+        ),
+    })
+}
+
+fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
+    [(
+        header::HeaderName::from_static("x-job-id"),
+        HeaderValue::from_str(job.id()).unwrap_or(HeaderValue::from_static("")),
+    )]
+}
+
+pub async fn code(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request = parse_request(&state, body)?;
+    let job = submit(&state, request)?;
+    // The stream only reads the log: a client that goes away does not cancel the job.
+    Ok((job_id_header(&job), sse::stream(job.log(), 0)).into_response())
+}
+
+pub async fn create_job(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request = parse_request(&state, body)?;
+    let job = submit(&state, request)?;
+    let id = job.id();
+    Ok((
+        StatusCode::ACCEPTED,
+        job_id_header(&job),
+        Json(json!({
+            "job_id": id,
+            "events_url": format!("/jobs/{id}/events"),
+            "status_url": format!("/jobs/{id}"),
+        })),
+    )
+        .into_response())
+}
+
+fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
+    state.registry.get(id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no job `{}`",
+            id.chars().take(64).collect::<String>()
+        ))
+    })
+}
+
+pub async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(JobView::of(&*find(&state, &id)?)))
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    after: Option<String>,
+}
+
+pub async fn job_events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let job = find(&state, &id)?;
+    let header_value = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").trim().to_owned());
+    let after = match header_value.or(query.after) {
+        None => 0,
+        Some(raw) if raw.is_empty() => 0,
+        Some(raw) => raw.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_last_event_id",
+                "Last-Event-ID / after must be a non-negative integer event id",
+            )
+        })?,
+    };
+    Ok((job_id_header(&job), sse::stream(job.log(), after)).into_response())
+}
+
+pub async fn job_patch(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = find(&state, &id)?;
+    match job.patch() {
+        Some((patch, truncated)) => {
+            let mut response = (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/x-diff; charset=utf-8"),
+                )],
+                patch.clone(),
+            )
+                .into_response();
+            if *truncated {
+                response
+                    .headers_mut()
+                    .insert("x-patch-truncated", HeaderValue::from_static("true"));
+            }
+            Ok(response)
+        }
+        None if job.is_finished() => Err(ApiError::not_found("this job produced no patch")),
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "patch_not_ready",
+            "the agent has not finished yet; the patch is available once the Diff event is sent",
+        )),
+    }
+}
+
+pub async fn cancel_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = find(&state, &id)?;
+    if job.is_finished() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            "the job has already finished",
+        ));
+    }
+    job.cancel();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": job.id(), "state": "cancelling"})),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_rules() {
+        for ok in ["main", "feature/x-1", "release-2.0", "tiny-backspace/a-b"] {
+            assert!(valid_branch(ok), "{ok}");
+        }
+        for bad in [
+            "", "-x", "a..b", "a/", "x.lock", "a b", "a~1", "a:b", "/a", ".a", "a//b", "HEAD",
+            "a/.b",
+        ] {
+            assert!(!valid_branch(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Collecting the agent's change out of a sandbox in a constant number of requests: one command
+//! for the file list, line counts and patch, one batched read of the changed files.
+
+use std::time::Duration;
+
+use crate::forge::{ChangeSet, ChangedFile};
+use crate::job::event::FileStatus;
+use crate::sandbox::{ExecRequest, FileContent, RepoPath, Sandbox, SandboxError};
+
+/// Largest patch kept for `Diff` events and `GET /jobs/{id}/patch`.
+pub const MAX_PATCH_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("{0}")]
+    Git(String),
+}
+
+/// Stages everything in the sandbox's checkout and describes it relative to `base`.
+pub async fn collect(sandbox: &dyn Sandbox, base: &str) -> Result<ChangeSet, ChangeError> {
+    if !base.chars().all(|c| c.is_ascii_hexdigit()) || base.len() < 7 {
+        return Err(ChangeError::Git(format!("`{base}` is not a commit id")));
+    }
+    // A per-call nonce makes the section markers impossible to forge from file names or content.
+    let nonce: u64 = rand::random();
+    let mark = |name: &str| format!("__TB_{nonce:016x}_{name}__");
+    let command = format!(
+        "git add -A >/dev/null 2>&1 || {{ echo 'git add failed' >&2; git add -A; exit 3; }}\n\
+         printf '%s\\n' '{raw}'\n\
+         git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --raw -z {base} || exit 4\n\
+         printf '\\n%s\\n' '{numstat}'\n\
+         git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --numstat -z {base} || exit 4\n\
+         printf '\\n%s\\n' '{patch}'\n\
+         git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --no-color --binary {base} | head -c {limit}\n",
+        raw = mark("RAW"),
+        numstat = mark("NUMSTAT"),
+        patch = mark("PATCH"),
+        limit = MAX_PATCH_BYTES + 1,
+    );
+    let out = sandbox
+        .exec(
+            &ExecRequest::new(command)
+                .timeout(Duration::from_secs(300))
+                .output_cap(4 * MAX_PATCH_BYTES),
+        )
+        .await?;
+    if !out.success() {
+        return Err(ChangeError::Git(format!(
+            "reading the change failed (exit {}): {}",
+            out.exit_code,
+            crate::text::truncate_middle(out.combined().trim(), 2000).0
+        )));
+    }
+    let stdout = out.stdout;
+    let section = |name: &str, next: Option<&str>| -> Result<Vec<u8>, ChangeError> {
+        let start_mark = format!("{}\n", mark(name));
+        let start = find(&stdout, start_mark.as_bytes()).ok_or_else(|| {
+            ChangeError::Git(format!("malformed diff output (no {name} section)"))
+        })? + start_mark.len();
+        let end = match next {
+            Some(next) => {
+                let end_mark = format!("\n{}\n", mark(next));
+                start
+                    + find(&stdout[start..], end_mark.as_bytes()).ok_or_else(|| {
+                        ChangeError::Git(format!("malformed diff output (no {next} section)"))
+                    })?
+            }
+            None => stdout.len(),
+        };
+        Ok(stdout[start..end].to_vec())
+    };
+    let raw = section("RAW", Some("NUMSTAT"))?;
+    let numstat = section("NUMSTAT", Some("PATCH"))?;
+    let mut patch = section("PATCH", None)?;
+    let patch_truncated = patch.len() > MAX_PATCH_BYTES;
+    patch.truncate(MAX_PATCH_BYTES);
+
+    let mut files = parse_raw(&raw)?;
+    apply_numstat(&mut files, &numstat);
+    let paths: Vec<RepoPath> = files
+        .iter()
+        .filter(|f| f.status != FileStatus::Deleted)
+        .map(|f| f.path.clone())
+        .collect();
+    let contents = if paths.is_empty() {
+        Vec::new()
+    } else {
+        sandbox.read_files(&paths).await?
+    };
+    if contents.len() != paths.len() {
+        return Err(ChangeError::Git(
+            "the sandbox returned the wrong number of files".into(),
+        ));
+    }
+    let mut contents = paths
+        .into_iter()
+        .zip(contents)
+        .collect::<std::collections::HashMap<_, _>>();
+    for file in &mut files {
+        if file.status != FileStatus::Deleted {
+            file.content = contents.remove(&file.path).unwrap_or(FileContent::Missing);
+        }
+    }
+    Ok(ChangeSet {
+        base_commit: base.to_owned(),
+        files,
+        patch: String::from_utf8_lossy(&patch).into_owned(),
+        patch_truncated,
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Parses `git diff --raw -z`: `:oldmode newmode oldsha newsha STATUS\0path\0` per file.
+fn parse_raw(raw: &[u8]) -> Result<Vec<ChangedFile>, ChangeError> {
+    let mut files = Vec::new();
+    let mut fields = raw
+        .split(|b| *b == 0)
+        .filter(|f| !f.is_empty() && *f != b"\n");
+    while let Some(meta) = fields.next() {
+        let meta = String::from_utf8_lossy(meta);
+        let meta = meta.trim_start_matches('\n');
+        let Some(path) = fields.next() else {
+            return Err(ChangeError::Git("malformed raw diff (path missing)".into()));
+        };
+        let path = String::from_utf8_lossy(path).into_owned();
+        let parts: Vec<&str> = meta.trim_start_matches(':').split(' ').collect();
+        let (Some(new_mode), Some(status)) = (parts.get(1), parts.get(4)) else {
+            return Err(ChangeError::Git(format!(
+                "malformed raw diff entry `{meta}`"
+            )));
+        };
+        if *new_mode == "160000" || parts.first() == Some(&"160000") {
+            tracing::warn!(
+                path,
+                "skipping a nested git repository (submodule) in the change"
+            );
+            continue;
+        }
+        let status = match status.chars().next() {
+            Some('A') => FileStatus::Added,
+            Some('D') => FileStatus::Deleted,
+            Some('M' | 'T') => FileStatus::Modified,
+            other => {
+                return Err(ChangeError::Git(format!(
+                    "unexpected diff status {other:?} for {path}"
+                )));
+            }
+        };
+        let path = RepoPath::parse(&path)
+            .map_err(|e| ChangeError::Git(format!("refusing a changed path: {e}")))?;
+        files.push(ChangedFile {
+            path,
+            status,
+            additions: 0,
+            deletions: 0,
+            content: FileContent::Missing,
+        });
+    }
+    Ok(files)
+}
+
+/// Adds `git diff --numstat -z` counts (`add\tdel\tpath\0`; `-` for binary files).
+fn apply_numstat(files: &mut [ChangedFile], numstat: &[u8]) {
+    for record in numstat.split(|b| *b == 0) {
+        let record = String::from_utf8_lossy(record);
+        let record = record.trim_start_matches('\n');
+        let mut parts = record.splitn(3, '\t');
+        let (Some(add), Some(del), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if let Some(file) = files.iter_mut().find(|f| f.path.as_str() == path) {
+            file.additions = add.parse().unwrap_or(0);
+            file.deletions = del.parse().unwrap_or(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_raw_and_numstat() {
+        let zero = "0".repeat(40);
+        let raw = format!(
+            ":000000 100644 {zero} {zero} A\0new file.txt\0:100644 000000 {zero} {zero} D\0old.txt\0:100644 100755 {zero} {zero} M\0bin/run\0"
+        );
+        let mut files = parse_raw(raw.as_bytes()).unwrap();
+        apply_numstat(
+            &mut files,
+            b"2\t0\tnew file.txt\x000\t5\told.txt\x00-\t-\tbin/run\x00",
+        );
+        let summary: Vec<_> = files
+            .iter()
+            .map(|f| (f.path.as_str(), f.status, f.additions, f.deletions))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("new file.txt", FileStatus::Added, 2, 0),
+                ("old.txt", FileStatus::Deleted, 0, 5),
+                ("bin/run", FileStatus::Modified, 0, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_git_paths() {
+        let zero = "0".repeat(40);
+        let raw = format!(":000000 100644 {zero} {zero} A\0.git/config\0");
+        assert!(parse_raw(raw.as_bytes()).is_err());
+    }
+}
