@@ -742,6 +742,13 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         fake.branch_sha("alice/widgets", "tb/retry"),
         Some(first.commit.clone())
     );
+    let ref_posts: Vec<u16> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/git/refs"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(ref_posts, [502, 422], "octocrab re-sent the POST");
 
     // A whole new attempt with the same change reuses the branch.
     let again = forge
@@ -793,6 +800,13 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         .unwrap();
     assert_eq!((pr.number, pr2.number, pr.url.clone()), (1, 1, pr2.url));
     assert_eq!(fake.pulls().len(), 1);
+    let pull_posts: Vec<u16> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/pulls"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(pull_posts, [502, 422, 422]);
     let refs = git(
         &fake.git_dir("alice/widgets"),
         &["for-each-ref", "--format=%(refname)", "refs/heads"],
@@ -1044,5 +1058,43 @@ async fn the_token_appears_only_in_the_authorization_header() {
             }
         )
         .contains(CANARY)
+    );
+}
+
+#[tokio::test]
+async fn a_refused_write_that_cannot_fork_reports_the_refusal() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    let base = fake.create_repo("alice", "widgets", &seed());
+    // The owner's own token is refused (e.g. a fine-grained token without Contents: write); an
+    // owner cannot fork their own repository, so the refusal itself is the error.
+    fake.fail(
+        Fault::new(
+            "POST",
+            "/repos/alice/widgets/git/trees",
+            403,
+            "Resource not accessible by personal access token",
+        )
+        .header("x-accepted-github-permissions", "contents=write"),
+    );
+    let forge = forge(&fake, ALICE);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    let e = forge
+        .push_branch(
+            &info,
+            &change(&base, vec![text("README.md", "x\n")]),
+            "tb/x",
+            "x\n",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "github_forbidden");
+    assert!(
+        e.message.contains("contents=write") && e.message.contains("create the commit's tree"),
+        "{}",
+        e.message
     );
 }

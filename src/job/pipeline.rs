@@ -84,14 +84,25 @@ struct Success {
 }
 
 /// Holds the job's sandbox so cleanup can find it however the work ended, including when the
-/// work future was dropped mid-way by cancellation or the timeout.
-#[derive(Default)]
+/// work future was dropped mid-way by cancellation or the timeout, or while the sandbox was still
+/// being created.
 struct SandboxSlot {
     inner: Mutex<(Option<SandboxGuard>, bool)>,
+    /// `true` while a creation is in flight.
+    creating: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for SandboxSlot {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new((None, false)),
+            creating: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl SandboxSlot {
-    /// Stores a new sandbox; if cleanup already ran, kills it at once.
+    /// Stores a new sandbox; if cleanup already gave up waiting for it, kills it at once.
     fn put(&self, guard: SandboxGuard) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.1 {
@@ -102,10 +113,25 @@ impl SandboxSlot {
         }
     }
 
-    fn take_for_cleanup(&self) -> Option<SandboxGuard> {
+    /// Waits (boundedly) for an in-flight creation, then hands the sandbox over for cleanup.
+    async fn take_for_cleanup(&self) -> Option<SandboxGuard> {
+        let mut creating = self.creating.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(120),
+            creating.wait_for(|in_flight| !in_flight),
+        )
+        .await;
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.1 = true;
         inner.0.take()
+    }
+}
+
+struct CreationDone(Arc<SandboxSlot>);
+
+impl Drop for CreationDone {
+    fn drop(&mut self) {
+        self.0.creating.send_replace(false);
     }
 }
 
@@ -241,7 +267,7 @@ pub async fn run(
 
 async fn cleanup(events: &Emitter, slot: &SandboxSlot) {
     let steps = Steps { events };
-    let Some(guard) = slot.take_for_cleanup() else {
+    let Some(guard) = slot.take_for_cleanup().await else {
         steps.skip(Step::Cleanup, "no sandbox to clean up");
         return;
     };
@@ -288,10 +314,15 @@ async fn work(
         let provider = b.sandbox.clone();
         let slot = slot.clone();
         let job_id = job.id().to_owned();
+        slot.creating.send_replace(true);
         let created = tokio::spawn(async move {
-            let sandbox = provider.create(&job_id).await?;
-            slot.put(SandboxGuard::new(sandbox.clone()));
-            Ok::<_, SandboxError>(sandbox)
+            // Clears the in-flight flag however this task ends, a panic included.
+            let _creating = CreationDone(slot.clone());
+            let result = provider.create(&job_id).await;
+            if let Ok(sandbox) = &result {
+                slot.put(SandboxGuard::new(sandbox.clone()));
+            }
+            result
         });
         match created.await {
             Ok(Ok(sandbox)) => sandbox,

@@ -169,8 +169,12 @@ impl Reply {
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        Self::error(429, "rate_limit_error", "Number of requests has exceeded your rate limit")
-            .with_header("retry-after", &retry_after_secs.to_string())
+        Self::error(
+            429,
+            "rate_limit_error",
+            "Number of requests has exceeded your rate limit",
+        )
+        .with_header("retry-after", &retry_after_secs.to_string())
     }
 
     pub fn server_error() -> Self {
@@ -182,7 +186,11 @@ impl Reply {
     }
 
     pub fn forbidden() -> Self {
-        Self::error(403, "permission_error", "Your API key does not have permission")
+        Self::error(
+            403,
+            "permission_error",
+            "Your API key does not have permission",
+        )
     }
 
     pub fn cut(turn: ScriptedTurn, after: usize) -> Self {
@@ -274,9 +282,7 @@ pub(crate) fn sse_response(frames: Vec<Bytes>, ending: Ending) -> Response {
     let frames = futures::stream::iter(frames.into_iter().map(Ok::<_, std::io::Error>));
     let body = match ending {
         Ending::Complete | Ending::Early => Body::from_stream(frames),
-        Ending::Then(last) => {
-            Body::from_stream(frames.chain(futures::stream::iter([Ok(last)])))
-        }
+        Ending::Then(last) => Body::from_stream(frames.chain(futures::stream::iter([Ok(last)]))),
         Ending::Cut => Body::from_stream(frames.chain(futures::stream::iter([Err(
             std::io::Error::new(std::io::ErrorKind::ConnectionReset, "fake: stream cut"),
         )]))),
@@ -387,7 +393,12 @@ fn error_body(kind: &str, message: &str) -> Value {
     json!({"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_fake"})
 }
 
-fn error_response(status: u16, kind: &str, message: &str, headers: &[(String, String)]) -> Response {
+fn error_response(
+    status: u16,
+    kind: &str,
+    message: &str,
+    headers: &[(String, String)],
+) -> Response {
     let mut headers = headers.to_vec();
     headers.push(("request-id".to_owned(), "req_fake".to_owned()));
     json_response(status, &error_body(kind, message), &headers)
@@ -423,7 +434,9 @@ fn validate(body: &Value) -> Result<(), String> {
             ));
         }
     }
-    let messages = body["messages"].as_array().ok_or("messages: Input should be a list")?;
+    let messages = body["messages"]
+        .as_array()
+        .ok_or("messages: Input should be a list")?;
     let mut pending: Vec<String> = Vec::new();
     for (i, message) in messages.iter().enumerate() {
         let role = message["role"].as_str().unwrap_or("");
@@ -500,7 +513,12 @@ async fn messages(
         let mut s = script.lock().unwrap();
         s.requests.push(recorded.clone());
         let Some(key) = presented_key(&headers) else {
-            return error_response(401, "authentication_error", "x-api-key header is required", &[]);
+            return error_response(
+                401,
+                "authentication_error",
+                "x-api-key header is required",
+                &[],
+            );
         };
         if s.expected_key.as_ref().is_some_and(|k| *k != key) {
             return error_response(401, "authentication_error", "invalid x-api-key", &[]);
@@ -517,14 +535,19 @@ async fn messages(
         s.served += 1;
         (s.replies.pop_front(), s.ignore_stream, s.served)
     };
-    let model = recorded.body["model"].as_str().unwrap_or("claude").to_owned();
+    let model = recorded.body["model"]
+        .as_str()
+        .unwrap_or("claude")
+        .to_owned();
     let stream = recorded.body["stream"] == json!(true) && !ignore_stream;
     let id = format!("msg_fake_{n:04}");
     let Some(reply) = reply else {
-        return error_response(500, "api_error", "fake: the script has no more replies", &[(
-            "x-should-retry".into(),
-            "false".into(),
-        )]);
+        return error_response(
+            500,
+            "api_error",
+            "fake: the script has no more replies",
+            &[("x-should-retry".into(), "false".into())],
+        );
     };
     match reply {
         Reply::Error {
@@ -538,9 +561,10 @@ async fn messages(
         Reply::Cut { turn, after } => {
             sse_response(take(stream_frames(&id, &model, &turn), after), Ending::Cut)
         }
-        Reply::EndEarly { turn, after } => {
-            sse_response(take(stream_frames(&id, &model, &turn), after), Ending::Early)
-        }
+        Reply::EndEarly { turn, after } => sse_response(
+            take(stream_frames(&id, &model, &turn), after),
+            Ending::Early,
+        ),
         Reply::StreamError {
             turn,
             after,
@@ -553,7 +577,10 @@ async fn messages(
                 Ending::Then(frame(Some("error"), &error.to_string())),
             )
         }
-        Reply::Stall => sse_response(vec![frame(Some("ping"), r#"{"type":"ping"}"#)], Ending::Stall),
+        Reply::Stall => sse_response(
+            vec![frame(Some("ping"), r#"{"type":"ping"}"#)],
+            Ending::Stall,
+        ),
     }
 }
 
@@ -613,15 +640,20 @@ fn stream_frames(id: &str, model: &str, turn: &ScriptedTurn) -> Vec<Bytes> {
     );
     push("ping", json!({"type": "ping"}));
     for (index, block) in turn.blocks.iter().enumerate() {
-        let start = |content_block: Value| {
-            json!({"type": "content_block_start", "index": index, "content_block": content_block})
-        };
-        let delta = |delta: Value| json!({"type": "content_block_delta", "index": index, "delta": delta});
+        let start = |content_block: Value| json!({"type": "content_block_start", "index": index, "content_block": content_block});
+        let delta =
+            |delta: Value| json!({"type": "content_block_delta", "index": index, "delta": delta});
         match block {
             Block::Text(text) => {
-                push("content_block_start", start(json!({"type": "text", "text": ""})));
+                push(
+                    "content_block_start",
+                    start(json!({"type": "text", "text": ""})),
+                );
                 for piece in pieces(text, 7) {
-                    push("content_block_delta", delta(json!({"type": "text_delta", "text": piece})));
+                    push(
+                        "content_block_delta",
+                        delta(json!({"type": "text_delta", "text": piece})),
+                    );
                 }
             }
             Block::ToolCall { id, name, input } => {

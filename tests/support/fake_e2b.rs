@@ -49,6 +49,7 @@ pub struct LoggedRequest {
     /// For `process.Process/Start`: the command and its arguments, space-joined.
     pub command: Option<String>,
     pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 impl LoggedRequest {
@@ -63,7 +64,7 @@ pub enum Fault {
     /// The next `n` creates answer 503 (with `Retry-After: 0`).
     CreateUnavailable(usize),
     /// The next `process.Process/Start` whose command contains `pattern` starts the process,
-    /// sends the start event (and what output comes within 200 ms), then the connection drops.
+    /// sends the start event, then the connection drops mid-body.
     /// The process keeps running, as envd's do when a client goes away.
     CutStream { pattern: String },
     /// The next request to `path` (for `process.Process/Start`: whose command contains
@@ -354,6 +355,7 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         sandbox_id: sandbox_id.clone(),
         command: command.clone(),
         headers: parts.headers.clone(),
+        body: body.clone(),
     });
 
     let hang = inner.take_fault(|f| match f {
@@ -372,7 +374,20 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     }
 
     match sandbox_id {
-        Some(id) => envd(&inner, &id, &parts.method, &path, &query, &parts.headers, body, start, command).await,
+        Some(id) => {
+            envd(
+                &inner,
+                &id,
+                &parts.method,
+                &path,
+                &query,
+                &parts.headers,
+                body,
+                start,
+                command,
+            )
+            .await
+        }
         None => control_plane(&inner, &parts.method, &path, &parts.headers, &body),
     }
 }
@@ -582,7 +597,9 @@ async fn envd(
 ) -> Response {
     if let Some(command) = &command
         && inner
-            .take_fault(|f| matches!(f, Fault::Gone { pattern } if command.contains(pattern.as_str())))
+            .take_fault(
+                |f| matches!(f, Fault::Gone { pattern } if command.contains(pattern.as_str())),
+            )
             .is_some()
     {
         inner.remove(id);
@@ -633,7 +650,11 @@ async fn envd(
                     );
                     json_reply(200, json!({}))
                 }
-                None => connect_error(404, "not_found", &format!("process with pid {pid} not found")),
+                None => connect_error(
+                    404,
+                    "not_found",
+                    &format!("process with pid {pid} not found"),
+                ),
             }
         }
         ("POST", "/filesystem.Filesystem/ListDir") => {
@@ -649,9 +670,16 @@ async fn envd(
                 return connect_error(400, "invalid_argument", "invalid JSON");
             };
             let requested = message["path"].as_str().unwrap_or("").to_owned();
-            match sandbox.map(&requested).filter(|p| p.symlink_metadata().is_ok()) {
+            match sandbox
+                .map(&requested)
+                .filter(|p| p.symlink_metadata().is_ok())
+            {
                 Some(real) => json_reply(200, json!({"entry": entry_info(&real, &requested)})),
-                None => connect_error(404, "not_found", &format!("path '{requested}' does not exist")),
+                None => connect_error(
+                    404,
+                    "not_found",
+                    &format!("path '{requested}' does not exist"),
+                ),
             }
         }
         ("GET", "/files") => get_file(&sandbox, query, headers),
@@ -714,7 +742,12 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
         .filter(|v| v.is_finite() && *v > 0.0)
 }
 
-fn start_process(sandbox: Arc<FakeSandbox>, headers: &HeaderMap, start: Value, cut: bool) -> Response {
+fn start_process(
+    sandbox: Arc<FakeSandbox>,
+    headers: &HeaderMap,
+    start: Value,
+    cut: bool,
+) -> Response {
     let process = &start["process"];
     let cmd = process["cmd"].as_str().unwrap_or("").to_owned();
     let args: Vec<String> = process["args"]
@@ -773,8 +806,20 @@ fn start_process(sandbox: Arc<FakeSandbox>, headers: &HeaderMap, start: Value, c
         let _ = tx.send(Ok(event(json!({"start": {"pid": pid}})))).await;
         let (data_tx, mut data_rx) = mpsc::channel::<(&'static str, Vec<u8>)>(16);
         for (name, pipe) in [
-            ("stdout", child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-            ("stderr", child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+            (
+                "stdout",
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            ),
+            (
+                "stderr",
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            ),
         ] {
             let Some(mut pipe) = pipe else { continue };
             let data_tx = data_tx.clone();
@@ -793,18 +838,19 @@ fn start_process(sandbox: Arc<FakeSandbox>, headers: &HeaderMap, start: Value, c
         let mut keepalive_at = Instant::now() + keepalive;
         let mut status = None;
         let mut timed_out = false;
-        loop {
+        let mut pipes_closed = false;
+        while !(pipes_closed && status.is_some()) {
             tokio::select! {
-                data = data_rx.recv() => match data {
+                data = data_rx.recv(), if !pipes_closed => match data {
                     Some((name, bytes)) => {
                         // A client that went away does not stop the process.
                         let _ = tx.send(Ok(event(json!({"data": {name: B64.encode(bytes)}})))).await;
                         keepalive_at = Instant::now() + keepalive;
                     }
-                    None => break,
+                    None => pipes_closed = true,
                 },
                 exited = child.wait(), if status.is_none() => {
-                    status = exited.ok();
+                    status = Some(exited.ok());
                     // Whatever the command left behind goes too, so the pipes close.
                     let _ = nix::sys::signal::killpg(
                         nix::unistd::Pid::from_raw(pid as i32),
@@ -824,10 +870,6 @@ fn start_process(sandbox: Arc<FakeSandbox>, headers: &HeaderMap, start: Value, c
                 }
             }
         }
-        let status = match status {
-            Some(status) => Some(status),
-            None => child.wait().await.ok(),
-        };
         sandbox.running.lock().unwrap().remove(&pid);
         if timed_out {
             let _ = tx
@@ -839,7 +881,7 @@ fn start_process(sandbox: Arc<FakeSandbox>, headers: &HeaderMap, start: Value, c
             return;
         }
         use std::os::unix::process::ExitStatusExt;
-        let end = match status {
+        let end = match status.flatten() {
             Some(status) => match (status.code(), status.signal()) {
                 (Some(0), _) => json!({"exited": true, "status": "exit status 0"}),
                 (Some(code), _) => json!({
@@ -861,39 +903,24 @@ fn start_process(sandbox: Arc<FakeSandbox>, headers: &HeaderMap, start: Value, c
         let _ = tx.send(Ok(envelope(2, &json!({})))).await;
     });
 
-    // The response forwards the process's frames; a cut stream stops after the start event
-    // (and what arrives within 200 ms) with an error, which aborts the connection.
+    // The response forwards the process's frames. A cut stream forwards the start event only,
+    // then fails, which aborts the connection mid-body.
     let mut rx = rx;
     tokio::spawn(async move {
-        let mut forwarded = 0usize;
-        let mut cut_at: Option<Instant> = None;
-        loop {
-            let next = match cut_at {
-                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
-                    Ok(frame) => frame,
-                    Err(_) => None,
-                },
-                None => rx.recv().await,
-            };
-            let Some(frame) = next else {
-                if cut_at.is_some() {
-                    let _ = out_tx
-                        .send(Err(std::io::Error::other("fault: stream cut")))
-                        .await;
-                }
-                // Keep draining so the process is never blocked on a full channel.
-                while rx.recv().await.is_some() {}
-                return;
-            };
+        while let Some(frame) = rx.recv().await {
             if out_tx.send(frame).await.is_err() {
-                while rx.recv().await.is_some() {}
-                return;
+                break;
             }
-            forwarded += 1;
-            if cut && forwarded == 1 {
-                cut_at = Some(Instant::now() + Duration::from_millis(200));
+            if cut {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = out_tx
+                    .send(Err(std::io::Error::other("fault: stream cut")))
+                    .await;
+                break;
             }
         }
+        // Keep draining so the process is never blocked on a full channel.
+        while rx.recv().await.is_some() {}
     });
     stream_reply(out_rx)
 }
@@ -948,19 +975,35 @@ fn permissions(mode: u32, dir: bool) -> String {
 
 fn list_dir(sandbox: &FakeSandbox, requested: &str, depth: u32) -> Response {
     let Some(real) = sandbox.map(requested) else {
-        return connect_error(404, "not_found", &format!("path '{requested}' does not exist"));
+        return connect_error(
+            404,
+            "not_found",
+            &format!("path '{requested}' does not exist"),
+        );
     };
     match std::fs::metadata(&real) {
-        Err(_) => return connect_error(404, "not_found", &format!("path '{requested}' does not exist")),
+        Err(_) => {
+            return connect_error(
+                404,
+                "not_found",
+                &format!("path '{requested}' does not exist"),
+            );
+        }
         Ok(meta) if !meta.is_dir() => {
-            return connect_error(400, "invalid_argument", &format!("path '{requested}' is not a directory"));
+            return connect_error(
+                400,
+                "invalid_argument",
+                &format!("path '{requested}' is not a directory"),
+            );
         }
         Ok(_) => {}
     }
     let mut entries = Vec::new();
     let mut stack = vec![(real, requested.trim_end_matches('/').to_owned(), 1u32)];
     while let Some((dir, shown, level)) = stack.pop() {
-        let Ok(read) = std::fs::read_dir(&dir) else { continue };
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for item in read.flatten() {
             let name = item.file_name().to_string_lossy().into_owned();
             let child_shown = format!("{shown}/{name}");
@@ -1034,7 +1077,10 @@ fn post_file(sandbox: &FakeSandbox, query: &str, headers: &HeaderMap, body: &[u8
     let mut uploads: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(boundary) = content_type
         .strip_prefix("multipart/form-data")
-        .and_then(|rest| rest.split(';').find_map(|p| p.trim().strip_prefix("boundary=")))
+        .and_then(|rest| {
+            rest.split(';')
+                .find_map(|p| p.trim().strip_prefix("boundary="))
+        })
     {
         let boundary = boundary.trim_matches('"');
         for (filename, content) in multipart_files(body, boundary) {
@@ -1055,7 +1101,10 @@ fn post_file(sandbox: &FakeSandbox, query: &str, headers: &HeaderMap, body: &[u8
             .is_some_and(|v| v.as_bytes() == b"gzip");
         let content = if gzip {
             let mut out = Vec::new();
-            if flate2::read::GzDecoder::new(body).read_to_end(&mut out).is_err() {
+            if flate2::read::GzDecoder::new(body)
+                .read_to_end(&mut out)
+                .is_err()
+            {
                 return api_error(400, "invalid gzip body");
             }
             out

@@ -17,7 +17,9 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 pub use super::fake_anthropic::{Block, FakeServer, Recorded, Reply, ScriptedTurn};
-use super::fake_anthropic::{Ending, Script, frame, json_response, pieces, record, sse_response, take};
+use super::fake_anthropic::{
+    Ending, Script, frame, json_response, pieces, record, sse_response, take,
+};
 
 const CREATED: u64 = 1_763_700_000;
 
@@ -55,7 +57,12 @@ fn error_json(kind: &str, message: &str) -> Value {
     json!({"error": {"message": message, "type": kind, "param": null, "code": kind}})
 }
 
-fn error_response(status: u16, kind: &str, message: &str, headers: &[(String, String)]) -> Response {
+fn error_response(
+    status: u16,
+    kind: &str,
+    message: &str,
+    headers: &[(String, String)],
+) -> Response {
     let mut headers = headers.to_vec();
     headers.push(("x-request-id".to_owned(), "req_fake".to_owned()));
     json_response(status, &error_json(kind, message), &headers)
@@ -72,6 +79,7 @@ fn invalid(message: String) -> Response {
 
 /// Common checks and bookkeeping: records the request, checks the key and the body, and hands
 /// out the next reply (or the response to send instead).
+#[allow(clippy::result_large_err)] // the error is the response itself, returned once per request
 fn admit(
     script: &Arc<Mutex<Script>>,
     path: &str,
@@ -95,10 +103,17 @@ fn admit(
         ));
     };
     if s.expected_key.as_deref().is_some_and(|k| k != key) {
-        return Err(error_response(401, "invalid_api_key", "Incorrect API key provided", &[]));
+        return Err(error_response(
+            401,
+            "invalid_api_key",
+            "Incorrect API key provided",
+            &[],
+        ));
     }
     if recorded.body.is_null() {
-        return Err(invalid("We could not parse the JSON body of your request.".into()));
+        return Err(invalid(
+            "We could not parse the JSON body of your request.".into(),
+        ));
     }
     if recorded.body.get("model").is_none() {
         return Err(invalid("you must provide a model parameter".into()));
@@ -187,12 +202,21 @@ fn validate_chat(body: &Value) -> Result<(), String> {
     Ok(())
 }
 
-async fn chat(State(script): State<Arc<Mutex<Script>>>, headers: HeaderMap, body: Bytes) -> Response {
-    let (recorded, reply, stream, n) =
-        match admit(&script, "/v1/chat/completions", &headers, &body, validate_chat) {
-            Ok(admitted) => admitted,
-            Err(response) => return response,
-        };
+async fn chat(
+    State(script): State<Arc<Mutex<Script>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (recorded, reply, stream, n) = match admit(
+        &script,
+        "/v1/chat/completions",
+        &headers,
+        &body,
+        validate_chat,
+    ) {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
     let model = recorded.body["model"].as_str().unwrap_or("gpt").to_owned();
     let id = format!("chatcmpl-fake{n:04}");
     let usage = recorded.body["stream_options"]["include_usage"] == json!(true);
@@ -203,17 +227,21 @@ async fn chat(State(script): State<Arc<Mutex<Script>>>, headers: HeaderMap, body
             message,
             headers,
         } => error_response(status, &kind, &message, &headers),
-        Reply::Turn(turn) if !stream => json_response(200, &completion_json(&id, &model, &turn), &[]),
+        Reply::Turn(turn) if !stream => {
+            json_response(200, &completion_json(&id, &model, &turn), &[])
+        }
         Reply::Turn(turn) => sse_response(
             chat_frames(&id, &model, &turn, usage),
             Ending::Then(frame(None, "[DONE]")),
         ),
-        Reply::Cut { turn, after } => {
-            sse_response(take(chat_frames(&id, &model, &turn, usage), after), Ending::Cut)
-        }
-        Reply::EndEarly { turn, after } => {
-            sse_response(take(chat_frames(&id, &model, &turn, usage), after), Ending::Early)
-        }
+        Reply::Cut { turn, after } => sse_response(
+            take(chat_frames(&id, &model, &turn, usage), after),
+            Ending::Cut,
+        ),
+        Reply::EndEarly { turn, after } => sse_response(
+            take(chat_frames(&id, &model, &turn, usage), after),
+            Ending::Early,
+        ),
         Reply::StreamError {
             turn,
             after,
@@ -273,9 +301,16 @@ fn chat_frames(id: &str, model: &str, turn: &ScriptedTurn, usage: bool) -> Vec<B
                                          "finish_reason": finish}]});
         frame(None, &data.to_string())
     };
-    let mut frames = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut frames = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     let text = text_of(turn);
-    let field = if turn.stop == "refusal" { "refusal" } else { "content" };
+    let field = if turn.stop == "refusal" {
+        "refusal"
+    } else {
+        "content"
+    };
     if !text.is_empty() {
         for piece in pieces(&text, 7) {
             frames.push(chunk(json!({ field: piece }), Value::Null));
@@ -331,7 +366,10 @@ fn validate_responses(body: &Value) -> Result<(), String> {
             Some("function_call_output") | Some("reasoning") | Some("message") => {}
             Some(other) => return Err(format!("Invalid value: '{other}'.")),
             None => {
-                if !matches!(item["role"].as_str(), Some("user" | "assistant" | "system" | "developer")) {
+                if !matches!(
+                    item["role"].as_str(),
+                    Some("user" | "assistant" | "system" | "developer")
+                ) {
                     return Err("Invalid input item: missing 'role'.".into());
                 }
             }
@@ -345,11 +383,16 @@ async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (recorded, reply, stream, n) =
-        match admit(&script, "/v1/responses", &headers, &body, validate_responses) {
-            Ok(admitted) => admitted,
-            Err(response) => return response,
-        };
+    let (recorded, reply, stream, n) = match admit(
+        &script,
+        "/v1/responses",
+        &headers,
+        &body,
+        validate_responses,
+    ) {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
     let id = format!("resp_fake{n:04}");
     let request = &recorded.body;
     match reply {
@@ -363,12 +406,14 @@ async fn responses(
             json_response(200, &response_json(&id, request, &turn, true), &[])
         }
         Reply::Turn(turn) => sse_response(response_frames(&id, request, &turn), Ending::Complete),
-        Reply::Cut { turn, after } => {
-            sse_response(take(response_frames(&id, request, &turn), after), Ending::Cut)
-        }
-        Reply::EndEarly { turn, after } => {
-            sse_response(take(response_frames(&id, request, &turn), after), Ending::Early)
-        }
+        Reply::Cut { turn, after } => sse_response(
+            take(response_frames(&id, request, &turn), after),
+            Ending::Cut,
+        ),
+        Reply::EndEarly { turn, after } => sse_response(
+            take(response_frames(&id, request, &turn), after),
+            Ending::Early,
+        ),
         Reply::StreamError {
             turn,
             after,
@@ -408,10 +453,16 @@ fn output_items(id: &str, turn: &ScriptedTurn, done: bool) -> Vec<Value> {
             Block::ToolCall { .. } | Block::RawToolCall { .. } => {}
         }
         let call = match block {
-            Block::ToolCall { id: call_id, name, input } => {
-                Some((call_id, name, input.to_string()))
-            }
-            Block::RawToolCall { id: call_id, name, raw } => Some((call_id, name, raw.clone())),
+            Block::ToolCall {
+                id: call_id,
+                name,
+                input,
+            } => Some((call_id, name, input.to_string())),
+            Block::RawToolCall {
+                id: call_id,
+                name,
+                raw,
+            } => Some((call_id, name, raw.clone())),
             _ => None,
         };
         if let Some((call_id, name, args)) = call {
@@ -425,7 +476,10 @@ fn output_items(id: &str, turn: &ScriptedTurn, done: bool) -> Vec<Value> {
 }
 
 fn response_json(id: &str, request: &Value, turn: &ScriptedTurn, done: bool) -> Value {
-    let incomplete = matches!(turn.stop.as_str(), "max_tokens" | "model_context_window_exceeded");
+    let incomplete = matches!(
+        turn.stop.as_str(),
+        "max_tokens" | "model_context_window_exceeded"
+    );
     let status = match (done, incomplete) {
         (false, _) => "in_progress",
         (true, true) => "incomplete",
@@ -475,8 +529,10 @@ fn response_frames(id: &str, request: &Value, turn: &ScriptedTurn) -> Vec<Bytes>
                 } else {
                     json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
                 };
-                push(json!({"type": "response.content_part.added", "item_id": item_id,
-                            "output_index": index, "content_index": 0, "part": empty}));
+                push(
+                    json!({"type": "response.content_part.added", "item_id": item_id,
+                            "output_index": index, "content_index": 0, "part": empty}),
+                );
                 if part["type"] == "refusal" {
                     let text = part["refusal"].as_str().unwrap_or("");
                     for piece in pieces(text, 7) {
@@ -488,16 +544,22 @@ fn response_frames(id: &str, request: &Value, turn: &ScriptedTurn) -> Vec<Bytes>
                 } else {
                     let text = part["text"].as_str().unwrap_or("");
                     for piece in pieces(text, 7) {
-                        push(json!({"type": "response.output_text.delta", "item_id": item_id,
+                        push(
+                            json!({"type": "response.output_text.delta", "item_id": item_id,
                                     "output_index": index, "content_index": 0, "delta": piece,
-                                    "logprobs": []}));
+                                    "logprobs": []}),
+                        );
                     }
-                    push(json!({"type": "response.output_text.done", "item_id": item_id,
+                    push(
+                        json!({"type": "response.output_text.done", "item_id": item_id,
                                 "output_index": index, "content_index": 0, "text": text,
-                                "logprobs": []}));
+                                "logprobs": []}),
+                    );
                 }
-                push(json!({"type": "response.content_part.done", "item_id": item_id,
-                            "output_index": index, "content_index": 0, "part": part}));
+                push(
+                    json!({"type": "response.content_part.done", "item_id": item_id,
+                            "output_index": index, "content_index": 0, "part": part}),
+                );
             }
             Some("function_call") => {
                 let args = done["arguments"].as_str().unwrap_or("");
@@ -505,8 +567,10 @@ fn response_frames(id: &str, request: &Value, turn: &ScriptedTurn) -> Vec<Bytes>
                     push(json!({"type": "response.function_call_arguments.delta",
                                 "item_id": item_id, "output_index": index, "delta": piece}));
                 }
-                push(json!({"type": "response.function_call_arguments.done", "item_id": item_id,
-                            "output_index": index, "arguments": args, "name": done["name"]}));
+                push(
+                    json!({"type": "response.function_call_arguments.done", "item_id": item_id,
+                            "output_index": index, "arguments": args, "name": done["name"]}),
+                );
             }
             _ => {}
         }

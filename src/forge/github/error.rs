@@ -59,6 +59,13 @@ pub(super) struct Failure {
     pub kind: FailureKind,
     pub message: String,
     pub errors: Vec<Value>,
+    /// Boxed to keep `Result<_, Failure>` small.
+    headers: Box<Headers>,
+}
+
+/// The diagnostic response headers the wording uses.
+#[derive(Debug, Clone, Default)]
+struct Headers {
     accepted_permissions: Option<String>,
     accepted_scopes: Option<String>,
     ratelimit_remaining: Option<u64>,
@@ -79,11 +86,7 @@ impl Failure {
             kind,
             message,
             errors: Vec::new(),
-            accepted_permissions: None,
-            accepted_scopes: None,
-            ratelimit_remaining: None,
-            ratelimit_reset: None,
-            retry_after: None,
+            headers: Box::default(),
         }
     }
 
@@ -104,13 +107,15 @@ impl Failure {
                     kind: FailureKind::Status(source.status_code.as_u16()),
                     message: source.message.clone(),
                     errors: source.errors.clone().unwrap_or_default(),
-                    accepted_permissions: header("x-accepted-github-permissions"),
-                    accepted_scopes: header("x-accepted-oauth-scopes"),
-                    ratelimit_remaining: number("x-ratelimit-remaining"),
-                    ratelimit_reset: source
-                        .rate_limit_reset
-                        .or_else(|| number("x-ratelimit-reset")),
-                    retry_after: number("retry-after"),
+                    headers: Box::new(Headers {
+                        accepted_permissions: header("x-accepted-github-permissions"),
+                        accepted_scopes: header("x-accepted-oauth-scopes"),
+                        ratelimit_remaining: number("x-ratelimit-remaining"),
+                        ratelimit_reset: source
+                            .rate_limit_reset
+                            .or_else(|| number("x-ratelimit-reset")),
+                        retry_after: number("retry-after"),
+                    }),
                 }
             }
             octocrab::Error::Json { source, .. } => Self::plain(
@@ -151,8 +156,8 @@ impl Failure {
         match self.status() {
             Some(429) => true,
             Some(403) => {
-                self.ratelimit_remaining == Some(0)
-                    || self.retry_after.is_some()
+                self.headers.ratelimit_remaining == Some(0)
+                    || self.headers.retry_after.is_some()
                     || self.mentions("rate limit")
             }
             _ => false,
@@ -203,10 +208,10 @@ impl Failure {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if let Some(secs) = self.retry_after {
+        if let Some(secs) = self.headers.retry_after {
             return format!("retry after {secs} seconds");
         }
-        match self.ratelimit_reset {
+        match self.headers.ratelimit_reset {
             Some(reset) => format!(
                 "the limit resets at {} (in {} seconds)",
                 format_utc(reset),
@@ -218,7 +223,10 @@ impl Failure {
 
     /// The permission GitHub says the call needed, else the step's default.
     fn needed(&self, ctx: &Ctx) -> String {
-        match (&self.accepted_permissions, &self.accepted_scopes) {
+        match (
+            &self.headers.accepted_permissions,
+            &self.headers.accepted_scopes,
+        ) {
             (Some(p), _) => format!("the `{p}` permission"),
             (None, Some(s)) => format!("the `{s}` scope"),
             (None, None) => ctx.needs.to_owned(),

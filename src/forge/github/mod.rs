@@ -13,6 +13,7 @@ mod error;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -79,7 +80,7 @@ impl GithubConfig {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Option<GithubConfig> {
         let token = ["GITHUB_TOKEN", "GITHUB_PAT"]
             .into_iter()
-            .filter_map(|key| lookup(key))
+            .filter_map(&lookup)
             .map(|t| t.trim().to_owned())
             .find(|t| !t.is_empty())?;
         let api_url = lookup("GITHUB_API_URL")
@@ -92,8 +93,11 @@ impl GithubConfig {
 
 /// The GitHub forge. Cheap to share behind an `Arc`.
 pub struct GithubForge {
-    crab: Octocrab,
-    /// Kept only to scrub it from anything GitHub might echo back.
+    /// Built on first use (or in `new` when a runtime is running): octocrab's client spawns its
+    /// worker on the current tokio runtime, so building it outside one panics.
+    crab: OnceLock<Octocrab>,
+    api_url: String,
+    /// Sent as `Authorization: Bearer …`, and scrubbed from anything GitHub might echo back.
     token: String,
     fork_wait: Duration,
     fork_poll: Duration,
@@ -179,15 +183,37 @@ impl GithubForge {
                 "GITHUB_TOKEN is empty",
             ));
         }
-        let crab = Octocrab::builder()
-            .base_uri(api_url.as_str())
-            .map_err(|_| {
-                ForgeError::new(
-                    "invalid_github_api_url",
-                    format!("GITHUB_API_URL `{api_url}` is not a valid base URI"),
-                )
-            })?
-            .personal_token(token.clone())
+        if api_url.parse::<axum::http::Uri>().is_err() {
+            return Err(ForgeError::new(
+                "invalid_github_api_url",
+                format!("GITHUB_API_URL `{api_url}` is not a valid base URI"),
+            ));
+        }
+        let forge = GithubForge {
+            crab: OnceLock::new(),
+            api_url,
+            token,
+            fork_wait: FORK_WAIT,
+            fork_poll: FORK_POLL,
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Surface client set-up problems (e.g. no CA roots) at start-up.
+            forge
+                .crab()
+                .map_err(|f| ForgeError::new("github_client_failed", f.message))?;
+        }
+        Ok(forge)
+    }
+
+    /// The octocrab client, built on first use.
+    fn crab(&self) -> Result<&Octocrab, Failure> {
+        if let Some(crab) = self.crab.get() {
+            return Ok(crab);
+        }
+        let built = Octocrab::builder()
+            .base_uri(self.api_url.as_str())
+            .map_err(Failure::from_octocrab)?
+            .personal_token(self.token.clone())
             // 5xx and 429 are retried twice; writes are idempotent (see the module doc).
             .add_retry_config(RetryConfig::Simple(2))
             .set_connect_timeout(Some(CONNECT_TIMEOUT))
@@ -195,18 +221,16 @@ impl GithubForge {
             .set_write_timeout(Some(READ_TIMEOUT))
             .build()
             .map_err(|e| {
-                let message = Failure::from_octocrab(e).message;
-                ForgeError::new(
-                    "github_client_failed",
-                    format!("could not set up the GitHub client: {message}"),
-                )
+                let mut f = Failure::from_octocrab(e);
+                f.message = format!("could not set up the GitHub client: {}", f.message);
+                f
             })?;
-        Ok(GithubForge {
-            crab,
-            token,
-            fork_wait: FORK_WAIT,
-            fork_poll: FORK_POLL,
-        })
+        Ok(self.crab.get_or_init(|| built))
+    }
+
+    /// [`Self::crab`], failing with a [`ForgeError`] worded for `ctx`.
+    fn client(&self, ctx: &Ctx) -> Result<&Octocrab, ForgeError> {
+        self.crab().map_err(|f| self.fail(f, ctx))
     }
 
     /// How long to wait for a new fork to become usable, and how often to look.
@@ -261,7 +285,7 @@ impl GithubForge {
     async fn get_ref(&self, target: &Target, branch: &str) -> Result<Ref, Failure> {
         self.raw(
             CALL_TIMEOUT,
-            self.crab
+            self.crab()?
                 .git(&target.owner, &target.name)
                 .get_ref(&Reference::Branch(encode_branch(branch))),
         )
@@ -271,7 +295,9 @@ impl GithubForge {
     async fn get_commit(&self, target: &Target, sha: &str) -> Result<GitCommitObject, Failure> {
         self.raw(
             CALL_TIMEOUT,
-            self.crab.git(&target.owner, &target.name).get_commit(sha),
+            self.crab()?
+                .git(&target.owner, &target.name)
+                .get_commit(sha),
         )
         .await
     }
@@ -290,7 +316,7 @@ impl GithubForge {
         let fork = self
             .call(
                 &ctx,
-                self.crab
+                self.client(&ctx)?
                     .repos(owner, name)
                     .create_fork()
                     .default_branch_only(false)
@@ -351,10 +377,13 @@ impl GithubForge {
     /// commit. Failures (diverged fork, branch missing in the fork) are only logged.
     async fn sync_fork(&self, fork: &Target, branch: &str) {
         let route = format!("/repos/{}/{}/merge-upstream", fork.owner, fork.name);
+        let Ok(crab) = self.crab() else {
+            return;
+        };
         let result: Result<Value, Failure> = self
             .raw(
                 CALL_TIMEOUT,
-                self.crab.post(route, Some(&json!({ "branch": branch }))),
+                crab.post(route, Some(&json!({ "branch": branch }))),
             )
             .await;
         if let Err(f) = result {
@@ -419,7 +448,12 @@ impl GithubForge {
             .iter()
             .any(|f| f.path.as_str().starts_with(".github/workflows/"));
         let repo = target.full_name();
-        let git = self.crab.git(&target.owner, &target.name);
+        let crab = self.client(&Ctx::new(
+            "write to the repository",
+            repo.clone(),
+            WRITE_NEEDS,
+        ))?;
+        let git = crab.git(&target.owner, &target.name);
         // Only the first write may send us to the fork flow.
         let mut first_write = !target.fork;
 
@@ -464,7 +498,7 @@ impl GithubForge {
         let created: Result<GitTree, Failure> = self
             .raw(
                 UPLOAD_TIMEOUT,
-                self.crab.post(
+                crab.post(
                     format!("/repos/{}/{}/git/trees", target.owner, target.name),
                     Some(&body),
                 ),
@@ -634,7 +668,9 @@ impl Forge for GithubForge {
         let (owner, name) = remote(repo)?;
         let full = format!("{owner}/{name}");
         let ctx = Ctx::new("read the repository", full.clone(), READ_NEEDS);
-        let meta = self.call(&ctx, self.crab.repos(owner, name).get()).await?;
+        let meta = self
+            .call(&ctx, self.client(&ctx)?.repos(owner, name).get())
+            .await?;
         if meta.archived == Some(true) {
             return Err(ForgeError::new(
                 "github_repo_archived",
@@ -735,10 +771,28 @@ impl Forge for GithubForge {
             }
         };
         let message = self.scrub(message);
+        // The refusal that sent a pushable-looking repository to the fork flow: when forking
+        // fails too (e.g. the token owner owns the repository), that refusal is the real error.
+        let mut refused: Option<(Failure, Ctx)> = None;
         loop {
             let (target, base_tree) = if fork {
-                self.ensure_fork(owner, name, base_branch, &change.base_commit)
-                    .await?
+                match self
+                    .ensure_fork(owner, name, base_branch, &change.base_commit)
+                    .await
+                {
+                    Ok(found) => found,
+                    Err(fork_err) => match refused.take() {
+                        Some((f, ctx)) => {
+                            tracing::info!(
+                                code = fork_err.code,
+                                "github: fork fallback failed: {}",
+                                fork_err.message
+                            );
+                            return Err(self.fail(f, &ctx));
+                        }
+                        None => return Err(fork_err),
+                    },
+                }
             } else {
                 let target = Target {
                     owner: owner.to_owned(),
@@ -773,6 +827,7 @@ impl Forge for GithubForge {
                         return Err(self.fail(f, &ctx));
                     }
                     tracing::info!(repo = %target.full_name(), "github: no write access after all ({}); using a fork", f.message);
+                    refused = Some((f, ctx));
                     fork = true;
                 }
                 Err(WriteError::Forge(e)) => return Err(e),
@@ -797,8 +852,8 @@ impl Forge for GithubForge {
         let from_fork = pushed.head_ref.contains(':');
         let title = self.scrub(&pr.title);
         let body = self.scrub(&pr.body);
-        let pulls = self.crab.pulls(owner, name);
         let ctx = Ctx::new("open the pull request", full.clone(), PULL_NEEDS);
+        let pulls = self.client(&ctx)?.pulls(owner, name);
 
         let mut draft = pr.draft;
         let created = loop {
@@ -892,6 +947,23 @@ mod tests {
         assert_eq!(config.api_url, "https://ghe.example/api/v3");
         assert!(GithubConfig::from_lookup(env(&[])).is_none());
         assert!(!format!("{config:?}").contains("t2"));
+    }
+
+    #[test]
+    fn builds_outside_a_runtime_and_normalises_the_api_url() {
+        let forge = GithubForge::new(GithubConfig {
+            token: "t-0123456789".into(),
+            api_url: "https://ghe.example/api/v3/".into(),
+        })
+        .unwrap();
+        assert_eq!(forge.name(), "github");
+        assert!(!format!("{forge:?}").contains("t-0123456789"));
+        let e = GithubForge::new(GithubConfig {
+            token: " ".into(),
+            api_url: DEFAULT_API_URL.into(),
+        })
+        .unwrap_err();
+        assert_eq!(e.code, "github_token_missing");
     }
 
     #[test]

@@ -31,7 +31,7 @@ for p in "$@"; do
     pre=$pre/
   done
   if [ -n "$linked" ]; then echo P
-  elif [ -L "$p" ]; then t=$(readlink -- "$p" | base64 -w0) && echo "L $t" || echo E
+  elif [ -L "$p" ]; then t=$(readlink -n -- "$p" | base64 -w0) && echo "L $t" || echo E
   elif [ -f "$p" ]; then
     if [ ! -r "$p" ]; then echo E; continue; fi
     sm=$(stat -c '%s %a' -- "$p") || { echo E; continue; }

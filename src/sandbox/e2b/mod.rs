@@ -381,9 +381,9 @@ impl fmt::Debug for E2bSandbox {
 /// Whether a failed command may be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Repeat {
-    /// Only when envd certainly did not start it (the agent's commands, the clone).
+    /// Only when envd certainly did not start it (commands with unknown side effects).
     IfNotStarted,
-    /// Whenever the failure was transient (read-only scripts).
+    /// Whenever the failure was transient (read-only scripts, the restartable clone).
     Always,
 }
 
@@ -511,14 +511,16 @@ impl E2bSandbox {
 
 /// Clones shallowly into `./repo` (run with `cwd` = the home directory) and prints head and
 /// branch on a marked line. URL and branch are arguments, never spliced into the script; the
-/// URL carries no credential. Removing `repo` first makes a repeated clone start clean.
-const CLONE_SCRIPT: &str = r#"url=$1; branch=$2
-rm -rf repo
+/// URL carries no credential. The clone goes to a scratch directory that replaces `repo` only
+/// when complete, and earlier scratch directories are removed first, so the script can be
+/// repeated after a broken stream (the earlier attempt's shell is killed before that).
+const CLONE_SCRIPT: &str = r#"url=$1; branch=$2; tmp=.tb-clone.$$
+rm -rf .tb-clone.*
 b=(); if [ -n "$branch" ]; then b=(--branch "$branch"); fi
 git -c core.hooksPath=/dev/null -c protocol.allow=never -c protocol.https.allow=always \
   -c protocol.file.allow=always clone --quiet --depth 1 --single-branch --no-tags "${b[@]}" \
-  -- "$url" repo || exit $?
-cd repo || exit 1
+  -- "$url" "$tmp" || { rm -rf "$tmp"; exit 2; }
+rm -rf repo && mv "$tmp" repo && cd repo || exit 1
 head=$(git rev-parse --verify -q HEAD) || { echo "the repository has no commits" >&2; exit 3; }
 current=$(git symbolic-ref --short -q HEAD) || current=$branch
 printf 'TB-CLONED %s %s\n' "$head" "$current"
@@ -553,7 +555,7 @@ impl Sandbox for E2bSandbox {
             timeout: spec.timeout,
             output_cap: 64 * 1024,
         };
-        let out = self.run(&process, Repeat::IfNotStarted).await?;
+        let out = self.run(&process, Repeat::Always).await?;
         if out.timed_out {
             return Err(SandboxError::Clone(format!(
                 "git clone timed out after {} s",

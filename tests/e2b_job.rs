@@ -1,0 +1,306 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Whole jobs on the `e2b` backend against the fake E2B: dummy agent, a local repository (the
+//! fake runs commands on this host, so a `file://` clone works), the local forge.
+//!
+//! Checks: the job succeeds with the change on its branch; no sandbox is left alive; the job's
+//! own steps (create, clone, collect, read, kill) cost at most 5 requests whatever the agent does;
+//! under every injected fault the job either recovers or ends with `Error` + `Done`, never hangs.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pretty_assertions::assert_eq;
+use support::fake_e2b::{FakeE2b, Fault};
+use support::harness::{self, Harness, HarnessOptions};
+use tiny_backspace::job::event::{Event, EventKind};
+use tiny_backspace::sandbox::e2b::E2bProvider;
+use tiny_backspace::sandbox::{
+    CloneSpec, Cloned, DirEntry, ExecOutput, ExecRequest, FileContent, RepoPath, Sandbox,
+    SandboxError, SandboxProvider,
+};
+
+/// Which sandbox method caused how many requests to the fake, in call order.
+type CallLog = Arc<Mutex<Vec<(&'static str, usize)>>>;
+
+/// Wraps the e2b provider and attributes the fake's requests to each sandbox call. A job's
+/// calls are sequential, so the fake's request count before and after a call is exact.
+struct Counting {
+    inner: E2bProvider,
+    fake: Arc<FakeE2b>,
+    calls: CallLog,
+}
+
+struct CountingSandbox {
+    inner: Arc<dyn Sandbox>,
+    fake: Arc<FakeE2b>,
+    calls: CallLog,
+}
+
+impl CountingSandbox {
+    async fn count<T>(&self, name: &'static str, fut: impl std::future::Future<Output = T>) -> T {
+        let before = self.fake.request_count();
+        let out = fut.await;
+        let cost = self.fake.request_count() - before;
+        self.calls.lock().unwrap().push((name, cost));
+        out
+    }
+}
+
+#[async_trait]
+impl SandboxProvider for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        let before = self.fake.request_count();
+        let sandbox = self.inner.create(job_id).await;
+        let cost = self.fake.request_count() - before;
+        self.calls.lock().unwrap().push(("create", cost));
+        Ok(Arc::new(CountingSandbox {
+            inner: sandbox?,
+            fake: self.fake.clone(),
+            calls: self.calls.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Sandbox for CountingSandbox {
+    async fn clone_repo(&self, spec: &CloneSpec) -> Result<Cloned, SandboxError> {
+        self.count("clone_repo", self.inner.clone_repo(spec)).await
+    }
+    async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError> {
+        self.count("exec", self.inner.exec(req)).await
+    }
+    async fn read_file(&self, path: &RepoPath) -> Result<FileContent, SandboxError> {
+        self.count("read_file", self.inner.read_file(path)).await
+    }
+    async fn read_files(&self, paths: &[RepoPath]) -> Result<Vec<FileContent>, SandboxError> {
+        self.count("read_files", self.inner.read_files(paths)).await
+    }
+    async fn write_file(&self, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError> {
+        self.count("write_file", self.inner.write_file(path, bytes))
+            .await
+    }
+    async fn list_dir(&self, path: &RepoPath, depth: u32) -> Result<Vec<DirEntry>, SandboxError> {
+        self.count("list_dir", self.inner.list_dir(path, depth))
+            .await
+    }
+    async fn kill(&self) -> Result<(), SandboxError> {
+        self.count("kill", self.inner.kill()).await
+    }
+}
+
+struct Setup {
+    fake: Arc<FakeE2b>,
+    harness: Harness,
+    calls: CallLog,
+    repo: tempfile::TempDir,
+}
+
+async fn setup(
+    fake: FakeE2b,
+    configure: impl FnOnce(&mut tiny_backspace::sandbox::e2b::E2bConfig),
+) -> Setup {
+    let fake = Arc::new(fake);
+    let mut config = fake.config();
+    configure(&mut config);
+    let calls = CallLog::default();
+    let provider = Counting {
+        inner: E2bProvider::new(config),
+        fake: fake.clone(),
+        calls: calls.clone(),
+    };
+    let harness = Harness::new(HarnessOptions {
+        sandbox: Some(Arc::new(provider)),
+        job_timeout: Duration::from_secs(60),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let repo = harness::repo_with(&[("README.md", "# Widgets\n\nWidgets are great.\n")]);
+    Setup {
+        fake,
+        harness,
+        calls,
+        repo,
+    }
+}
+
+const PROMPT: &str = r#"replace "great" with "excellent" in README.md"#;
+
+/// Runs one job to its end, bounded, and checks the invariants every job keeps.
+async fn run_job(s: &Setup) -> (Vec<Event>, serde_json::Value) {
+    let job = s.harness.submit(s.repo.path(), PROMPT);
+    let events = tokio::time::timeout(Duration::from_secs(90), harness::events_of(&job))
+        .await
+        .expect("the job never hangs");
+    let done = harness::done(&events);
+    if done["status"] != "succeeded" {
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Error { .. })),
+            "a failed job reports an Error before Done: {:?}",
+            harness::shape(&events)
+        );
+    }
+    // Cleanup ran before Done: nothing is left alive at E2B.
+    assert_eq!(s.fake.live_sandboxes(), 0, "{:?}", harness::shape(&events));
+    (events, done)
+}
+
+/// The requests of the job's own steps: create, clone, the collect command (the last `exec`
+/// before the final `read_files`, or the last `exec` when nothing changed), read, kill.
+fn own_requests(calls: &[(&'static str, usize)]) -> usize {
+    let collect = calls
+        .iter()
+        .rposition(|(name, _)| *name == "exec")
+        .map(|i| calls[i].1)
+        .unwrap_or(0);
+    let read = calls
+        .iter()
+        .rev()
+        .take_while(|(name, _)| *name != "exec")
+        .filter(|(name, _)| *name == "read_files")
+        .map(|(_, cost)| cost)
+        .sum::<usize>();
+    let fixed: usize = calls
+        .iter()
+        .filter(|(name, _)| matches!(*name, "create" | "clone_repo" | "kill"))
+        .map(|(_, cost)| cost)
+        .sum();
+    fixed + collect + read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dummy_job_succeeds_in_five_requests_of_its_own() {
+    let s = setup(FakeE2b::start().await, |_| {}).await;
+    let (events, done) = run_job(&s).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let branch = done["branch"].as_str().unwrap();
+    let readme = harness::git(s.repo.path(), &["show", &format!("{branch}:README.md")]);
+    assert_eq!(readme, "# Widgets\n\nWidgets are excellent.\n");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::Diff { .. }))
+    );
+
+    let calls = s.calls.lock().unwrap().clone();
+    let names: Vec<&str> = calls.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names.first(), Some(&"create"));
+    assert_eq!(names.last(), Some(&"kill"));
+    // Every sandbox call, the agent's tools included, is exactly one request.
+    assert!(calls.iter().all(|(_, cost)| *cost == 1), "{calls:?}");
+    assert_eq!(own_requests(&calls), 5, "{calls:?}");
+    assert_eq!(
+        s.fake.request_count(),
+        calls.len(),
+        "no request outside sandbox calls"
+    );
+    assert_eq!(s.fake.created_sandboxes(), 1);
+}
+
+/// One fault, one job: it must recover or fail cleanly.
+async fn job_under(fault: Fault) -> (Setup, Vec<Event>, serde_json::Value) {
+    let fake = FakeE2b::start().await;
+    fake.inject(fault);
+    let s = setup(fake, |config| {
+        config.timing.request_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let (events, done) = run_job(&s).await;
+    (s, events, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovers_from_transient_faults() {
+    for fault in [
+        Fault::CreateUnavailable(2),
+        Fault::Hang {
+            path: "/v2/sandboxes".into(),
+            pattern: None,
+        },
+        Fault::CutStream {
+            pattern: "TB-CLONED".into(),
+        },
+        Fault::Hang {
+            path: "/process.Process/Start".into(),
+            pattern: Some("TB-CLONED".into()),
+        },
+        Fault::CutStream {
+            pattern: "read-files".into(),
+        },
+        Fault::Hang {
+            path: "/process.Process/Start".into(),
+            pattern: Some("read-files".into()),
+        },
+    ] {
+        let label = format!("{fault:?}");
+        let (s, _, done) = job_under(fault).await;
+        assert_eq!(done["status"], "succeeded", "{label}: {done}");
+        assert_eq!(s.fake.created_sandboxes(), 1, "{label}: one sandbox only");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_cleanly_when_it_cannot_recover() {
+    let cases = [
+        (
+            Fault::CreateUnavailable(100),
+            "sandbox_transport",
+            "sandbox",
+        ),
+        // The collect command (git add + diff) is not repeated after it may have run.
+        (
+            Fault::CutStream {
+                pattern: "__TB_".into(),
+            },
+            "sandbox_transport",
+            "commit",
+        ),
+        (
+            Fault::Hang {
+                path: "/process.Process/Start".into(),
+                pattern: Some("__TB_".into()),
+            },
+            "sandbox_transport",
+            "commit",
+        ),
+        (
+            Fault::Gone {
+                pattern: "__TB_".into(),
+            },
+            "sandbox_gone",
+            "commit",
+        ),
+        (
+            Fault::Gone {
+                pattern: "TB-CLONED".into(),
+            },
+            "sandbox_gone",
+            "clone",
+        ),
+    ];
+    for (fault, code, step) in cases {
+        let label = format!("{fault:?}");
+        let (_, events, done) = job_under(fault).await;
+        assert_eq!(done["status"], "failed", "{label}: {done}");
+        assert_eq!(done["error"]["code"], code, "{label}: {done}");
+        let message = done["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.contains(support::fake_e2b::API_KEY),
+            "{label}: {message}"
+        );
+        let error = events
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::Error { .. }))
+            .map(|e| serde_json::to_value(e).unwrap())
+            .unwrap();
+        assert_eq!(error["step"], step, "{label}: {error}");
+    }
+}

@@ -1,0 +1,285 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Whole jobs publishing through the `github` forge to the fake GitHub: local sandbox, the dummy
+//! or a scripted agent, the fake's bare repository as the clone source. The branch is checked with
+//! real git against the sandbox's own diff, and the token (a canary) appears only in the
+//! Authorization header: never in an event, a request body, or the pull request.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pretty_assertions::assert_eq;
+use serde_json::json;
+use support::fake_github::{FakeGithub, SeedFile};
+use support::harness::{self, Harness, HarnessOptions, Scripted, Step, call};
+use tiny_backspace::forge::Forge;
+use tiny_backspace::forge::github::{GithubConfig, GithubForge};
+use tiny_backspace::job::JobRequest;
+use tiny_backspace::job::event::{Event, EventKind};
+use tiny_backspace::repo::RepoRef;
+
+const CANARY: &str = "ghp_JOBCANARY_5a4b3c2d1e0f99887766";
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    harness::git(dir, args)
+}
+
+async fn fake_with_repo() -> (FakeGithub, String) {
+    let fake = FakeGithub::start_at("/api/v3").await;
+    fake.add_user(CANARY, "alice");
+    let base = fake.create_repo(
+        "alice",
+        "widgets",
+        &[
+            SeedFile::text("README.md", "# Widgets\n\nWidgets are great.\n"),
+            SeedFile::text("old.txt", "to be deleted\n"),
+            SeedFile::text("run.sh", "#!/bin/sh\necho hi\n"),
+        ],
+    );
+    (fake, base)
+}
+
+async fn harness(
+    fake: &FakeGithub,
+    agents: Option<Vec<Arc<dyn tiny_backspace::agent::Provider>>>,
+) -> Harness {
+    let forge = GithubForge::new(GithubConfig {
+        token: CANARY.into(),
+        api_url: fake.api_url(),
+    })
+    .unwrap();
+    let mut options = HarnessOptions {
+        remote: Some(Arc::new(forge) as Arc<dyn Forge>),
+        // As the real configuration does: the token is a secret the redactor knows.
+        secrets: vec![CANARY.into()],
+        ..HarnessOptions::default()
+    };
+    if let Some(agents) = agents {
+        options.agents = agents;
+    }
+    Harness::new(options).await
+}
+
+fn request(prompt: &str) -> JobRequest {
+    JobRequest {
+        repo: RepoRef::Remote {
+            host: "github.com".into(),
+            owner: "alice".into(),
+            name: "widgets".into(),
+        },
+        prompt: prompt.into(),
+        base_branch: None,
+        draft: false,
+        branch: None,
+    }
+}
+
+/// The canary is only ever in the Authorization header, and nowhere in the events.
+fn assert_no_canary(fake: &FakeGithub, events: &[Event]) {
+    for e in events {
+        let text = serde_json::to_string(e).unwrap();
+        assert!(!text.contains(CANARY), "event leaks the token: {text}");
+    }
+    let requests = fake.requests();
+    assert!(!requests.is_empty());
+    for r in requests {
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(format!("Bearer {CANARY}").as_str())
+        );
+        for part in [&r.path, &r.query, &r.body] {
+            assert!(
+                !part.contains(CANARY),
+                "{} {} leaks the token",
+                r.method,
+                r.path
+            );
+        }
+        assert!(!r.other_headers.iter().any(|h| h.contains(CANARY)));
+    }
+    for p in fake.pulls() {
+        assert!(!p.title.contains(CANARY) && !p.body.unwrap_or_default().contains(CANARY));
+    }
+}
+
+fn diff_event(events: &[Event]) -> (Vec<(String, String)>, String) {
+    events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::Diff {
+                files,
+                patch,
+                patch_truncated,
+            } => {
+                assert!(!patch_truncated);
+                let v = serde_json::to_value(files).unwrap();
+                let files = v
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| {
+                        (
+                            f["path"].as_str().unwrap().to_owned(),
+                            f["status"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect();
+                Some((files, patch.clone()))
+            }
+            _ => None,
+        })
+        .expect("a Diff event")
+}
+
+/// The branch holds exactly the sandbox's change: one commit on the base whose diff is the
+/// sandbox's `git diff --binary`.
+fn assert_branch_holds(fake: &FakeGithub, base: &str, branch: &str, events: &[Event]) {
+    let bare = fake.git_dir("alice/widgets");
+    let head = format!("refs/heads/{branch}");
+    assert_eq!(
+        git(&bare, &["rev-parse", &format!("{head}~1")]).trim(),
+        base
+    );
+    assert_eq!(
+        git(&bare, &["log", "-1", "--format=%an <%ae>", &head]).trim(),
+        "Tiny Backspace <tiny-backspace@users.noreply.github.com>"
+    );
+    let (files, patch) = diff_event(events);
+    let mut listed: Vec<(String, String)> = git(
+        &bare,
+        &["diff", "--no-renames", "--name-status", base, &head],
+    )
+    .lines()
+    .map(|l| {
+        let (status, path) = l.split_once('\t').unwrap();
+        let status = match status {
+            "A" => "added",
+            "M" | "T" => "modified",
+            "D" => "deleted",
+            other => panic!("unexpected status {other}"),
+        };
+        (path.to_owned(), status.to_owned())
+    })
+    .collect();
+    let mut files = files;
+    listed.sort();
+    files.sort();
+    assert_eq!(listed, files);
+    let published = git(
+        &bare,
+        &[
+            "-c",
+            "core.quotepath=off",
+            "diff",
+            "--no-renames",
+            "--no-ext-diff",
+            "--no-color",
+            "--binary",
+            base,
+            &head,
+        ],
+    );
+    assert_eq!(published, patch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dummy_job_opens_a_pull_request_through_the_fake() {
+    let (fake, base) = fake_with_repo().await;
+    let h = harness(&fake, None).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "excellent" in README.md"#))
+        .unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let branch = done["branch"].as_str().unwrap().to_owned();
+    let pr_url = done["pr_url"].as_str().unwrap();
+    assert_eq!(pr_url, format!("http://{}/alice/widgets/pull/1", fake.addr));
+    let created = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::PrCreated { .. }))
+        .map(|e| serde_json::to_value(e).unwrap())
+        .expect("PR Created");
+    assert_eq!(
+        (created["number"].clone(), created["draft"].clone()),
+        (json!(1), json!(true)),
+        "the dummy agent's PR is a draft"
+    );
+
+    assert_branch_holds(&fake, &base, &branch, &events);
+    let bare = fake.git_dir("alice/widgets");
+    assert_eq!(
+        git(&bare, &["show", &format!("{branch}:README.md")]),
+        "# Widgets\n\nWidgets are excellent.\n"
+    );
+    let pulls = fake.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(
+        (pulls[0].head_ref.as_str(), pulls[0].base_ref.as_str()),
+        (branch.as_str(), "main")
+    );
+    assert_no_canary(&fake, &events);
+    assert_eq!(h.live_workspaces(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_publishes_deletions_binaries_modes_and_symlinks() {
+    let (fake, base) = fake_with_repo().await;
+    let agent = Scripted::new(
+        "scripted",
+        vec![
+            Step::Turn(vec![call(
+                "c1",
+                "run_command",
+                json!({"command": "set -e; rm old.txt; chmod +x run.sh; mkdir -p docs assets src/new; \
+                    ln -s ../README.md docs/link; printf '\\000\\377\\001binary\\n' > assets/logo.bin; \
+                    printf 'deep\\n' > src/new/deep.txt; echo 'More.' >> README.md"}),
+            )]),
+            Step::Turn(vec![call(
+                "c2",
+                "finish",
+                json!({"title": "Rework the widgets", "summary": "Deleted, moved, linked."}),
+            )]),
+        ],
+    );
+    let h = harness(&fake, Some(vec![agent])).await;
+    let job = h.registry.submit(request("rework the widgets")).unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let branch = done["branch"].as_str().unwrap().to_owned();
+    assert_branch_holds(&fake, &base, &branch, &events);
+
+    let bare = fake.git_dir("alice/widgets");
+    let modes: Vec<String> = git(&bare, &["ls-tree", "-r", &branch])
+        .lines()
+        .map(|l| {
+            let (meta, path) = l.split_once('\t').unwrap();
+            format!("{} {path}", meta.split(' ').next().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            "100644 README.md",
+            "100644 assets/logo.bin",
+            "120000 docs/link",
+            "100755 run.sh",
+            "100644 src/new/deep.txt",
+        ]
+    );
+    let pull = &fake.pulls()[0];
+    assert_eq!(
+        (pull.title.as_str(), pull.draft),
+        ("Rework the widgets", false)
+    );
+    assert!(
+        pull.body
+            .as_deref()
+            .unwrap_or_default()
+            .contains("Deleted, moved, linked.")
+    );
+    assert_no_canary(&fake, &events);
+}

@@ -1,0 +1,586 @@
+//! The HTTP contract (API.md §1–2), in-process with `oneshot`, plus real-socket SSE tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use pretty_assertions::assert_eq;
+use serde_json::{Value, json};
+use support::harness::{Harness, HarnessOptions, Scripted, Step, repo_with};
+use tiny_backspace::http::{AppState, router};
+use tiny_backspace::job::Limits;
+use tiny_backspace::repo::RepoPolicy;
+use tower::ServiceExt;
+
+struct Api {
+    harness: Harness,
+    app: axum::Router,
+}
+
+async fn api(options: HarnessOptions, api_keys: Vec<String>, allow_local: bool) -> Api {
+    let harness = Harness::new(options).await;
+    let state = Arc::new(AppState {
+        registry: harness.registry.clone(),
+        repo_policy: RepoPolicy {
+            allow_local,
+            ..RepoPolicy::default()
+        },
+        api_keys,
+        cors_origins: vec![],
+    });
+    Api {
+        app: router(state),
+        harness,
+    }
+}
+
+async fn send(
+    app: &axum::Router,
+    request: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = tokio::time::timeout(Duration::from_secs(60), response.into_body().collect())
+        .await
+        .expect("body in time")
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
+
+fn post(uri: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.into())
+        .unwrap()
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
+    let message = v["error"]["message"].as_str().unwrap_or("");
+    assert!(!message.is_empty(), "error without message: {v}");
+    v["error"]["code"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn every_input_rule_is_a_specific_4xx_and_creates_no_job() {
+    let api = api(HarnessOptions::default(), vec![], false).await;
+    let big_prompt = "x".repeat(20_001);
+    let huge_body = format!(
+        r#"{{"repoUrl":"https://github.com/a/b","prompt":"{}"}}"#,
+        "y".repeat(70 * 1024)
+    );
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        ("not json".into(), StatusCode::BAD_REQUEST, "invalid_json"),
+        ("[1,2]".into(), StatusCode::BAD_REQUEST, "invalid_json"),
+        (
+            json!({"prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+        ),
+        (
+            json!({"repoUrl": 5, "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b", "prompt": "   "}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "empty_prompt",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b", "prompt": big_prompt}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "prompt_too_long",
+        ),
+        (
+            json!({"repoUrl": "http://github.com/a/b", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_repo_url",
+        ),
+        (
+            json!({"repoUrl": "https://u:p@github.com/a/b", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_repo_url",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b?x=1", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_repo_url",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/..", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_repo_url",
+        ),
+        (
+            json!({"repoUrl": "https://169.254.169.254/a/b", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_repo_url",
+        ),
+        (
+            json!({"repoUrl": "https://gitlab.com/a/b", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "repo_host_not_allowed",
+        ),
+        (
+            json!({"repoUrl": "/etc", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "local_repos_disabled",
+        ),
+        (
+            json!({"repoUrl": "file:///etc", "prompt": "x"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "local_repos_disabled",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b", "prompt": "x", "draft": "yes"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b", "prompt": "x", "branch": "a..b"})
+                .to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_branch",
+        ),
+        (
+            json!({"repoUrl": "https://github.com/a/b", "prompt": "x", "baseBranch": "-x"})
+                .to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_branch",
+        ),
+        (huge_body, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+    ];
+    for route in ["/code", "/jobs"] {
+        for (body, status, code) in &cases {
+            let (got, _, bytes) = send(&api.app, post(route, body.clone())).await;
+            assert_eq!(
+                (got, error_code(&bytes)),
+                (*status, code.to_string()),
+                "{route} {}",
+                &body[..body.len().min(80)]
+            );
+        }
+    }
+    assert_eq!(api.harness.registry.active(), 0);
+    assert_eq!(api.harness.live_workspaces(), 0);
+}
+
+#[tokio::test]
+async fn unknown_fields_are_ignored_and_a_job_is_created() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let api = api(HarnessOptions::default(), vec![], true).await;
+    let body = json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt", "extra": {"x": 1}});
+    let (status, headers, bytes) = send(&api.app, post("/jobs", body.to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let id = v["job_id"].as_str().unwrap();
+    assert_eq!(headers["x-job-id"], id);
+    assert_eq!(v["events_url"], format!("/jobs/{id}/events"));
+    assert_eq!(v["status_url"], format!("/jobs/{id}"));
+    let job = api.harness.registry.get(id).unwrap();
+    support::harness::events_of(&job).await;
+    let (status, _, bytes) = send(
+        &api.app,
+        Request::get(format!("/jobs/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let view: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(view["state"], "succeeded");
+    assert_eq!(
+        view["files"],
+        json!([{"path": "a.txt", "status": "modified", "additions": 1, "deletions": 0}])
+    );
+    assert!(
+        view["branch"]
+            .as_str()
+            .unwrap()
+            .starts_with("tiny-backspace/append-b-to-a-txt-")
+    );
+    let (status, headers, patch) = send(
+        &api.app,
+        Request::get(format!("/jobs/{id}/patch"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/x-diff")
+    );
+    let patch = String::from_utf8(patch).unwrap();
+    assert!(
+        patch.contains("diff --git a/a.txt b/a.txt") && patch.contains("+b"),
+        "{patch}"
+    );
+}
+
+#[tokio::test]
+async fn api_keys_are_required_on_every_route_but_healthz() {
+    let api = api(
+        HarnessOptions::default(),
+        vec!["key-one-123456".into(), "key-two-654321".into()],
+        false,
+    )
+    .await;
+    let (status, _, body) = send(
+        &api.app,
+        Request::get("/healthz").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap(),
+        json!({"status": "ok", "sandbox": "local", "agents": ["dummy"], "forge": "none"})
+    );
+    let body = json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string();
+    for request in [
+        post("/code", body.clone()),
+        post("/jobs", body.clone()),
+        Request::get("/jobs/x").body(Body::empty()).unwrap(),
+        Request::get("/jobs/x/events").body(Body::empty()).unwrap(),
+        Request::get("/jobs/x/patch").body(Body::empty()).unwrap(),
+        Request::delete("/jobs/x").body(Body::empty()).unwrap(),
+        Request::get("/jobs/x")
+            .header("authorization", "Bearer wrong-key-000")
+            .body(Body::empty())
+            .unwrap(),
+    ] {
+        let (status, headers, bytes) = send(&api.app, request).await;
+        assert_eq!(
+            (status, error_code(&bytes)),
+            (StatusCode::UNAUTHORIZED, "unauthorized".to_string())
+        );
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+    }
+    for (name, value) in [
+        ("authorization", "Bearer key-two-654321"),
+        ("x-api-key", "key-one-123456"),
+    ] {
+        let request = Request::get("/jobs/nope")
+            .header(name, value)
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, bytes) = send(&api.app, request).await;
+        assert_eq!(
+            (status, error_code(&bytes)),
+            (StatusCode::NOT_FOUND, "not_found".to_string())
+        );
+    }
+    assert_eq!(api.harness.registry.active(), 0);
+}
+
+#[tokio::test]
+async fn a_full_service_answers_429_with_retry_after() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let hang = Scripted::new("hang", vec![Step::Hang, Step::Hang]);
+    let api = api(
+        HarnessOptions {
+            agents: vec![hang],
+            limits: Limits {
+                max_concurrent: 1,
+                max_queued: 1,
+                ..Limits::default()
+            },
+            ..HarnessOptions::default()
+        },
+        vec![],
+        true,
+    )
+    .await;
+    let body = json!({"repoUrl": repo.path().display().to_string(), "prompt": "x"}).to_string();
+    let (first, _, _) = send(&api.app, post("/jobs", body.clone())).await;
+    let (second, _, second_body) = send(&api.app, post("/jobs", body.clone())).await;
+    assert_eq!(
+        (first, second),
+        (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+    );
+    let (third, headers, bytes) = send(&api.app, post("/jobs", body.clone())).await;
+    assert_eq!(
+        (third, error_code(&bytes)),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_jobs".to_string())
+    );
+    assert!(
+        headers[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    // The queued job waits its turn.
+    let queued_id = serde_json::from_slice::<Value>(&second_body).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, _, view) = send(
+        &api.app,
+        Request::get(format!("/jobs/{queued_id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&view).unwrap()["state"],
+        "queued"
+    );
+    api.harness.registry.shutdown(Duration::from_secs(30)).await;
+    let left: Vec<_> = std::fs::read_dir(api.harness.workspaces.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(api.harness.live_workspaces(), 0, "{left:?}");
+}
+
+#[tokio::test]
+async fn unknown_routes_jobs_and_methods_get_json_errors() {
+    let api = api(HarnessOptions::default(), vec![], false).await;
+    let cases = [
+        (
+            Request::get("/nope").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Request::get("/jobs/unknown").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Request::get("/jobs/unknown/events")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Request::delete("/jobs/unknown")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Request::get("/code").body(Body::empty()).unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (got, _, bytes) = send(&api.app, request).await;
+        assert_eq!((got, error_code(&bytes)), (status, code.to_string()));
+    }
+}
+
+/// Reads raw SSE bytes from a real socket until `Done`.
+async fn raw_sse(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&out).contains("\"type\":\"Done\"") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("stream ended in time");
+    String::from_utf8(out).unwrap()
+}
+
+/// Removes HTTP/1.1 chunked framing from a response body.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size {
+            out.push_str(&tail[..tail.len().min(size)]);
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = &tail[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[tokio::test]
+async fn sse_framing_is_exact_and_replay_starts_after_last_event_id() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let api = api(HarnessOptions::default(), vec![], true).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = api.app.clone();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let body =
+        json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"})
+            .to_string();
+    let raw = raw_sse(
+        addr,
+        &format!("POST /code HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
+    )
+    .await;
+    let (head, chunked) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    let job_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-job-id: "))
+        .expect("X-Job-Id")
+        .trim()
+        .to_owned();
+    let stream = dechunk(chunked);
+    let job = api.harness.registry.get(&job_id).unwrap();
+    let log = job.log().replay_after(0);
+    // The stream is exactly the log, one `id:` + one `data:` line per event, no `event:` line.
+    let expected: String = log.iter().map(tiny_backspace::http::sse_frame).collect();
+    assert_eq!(stream, expected);
+    let first: Value = serde_json::from_str(
+        stream
+            .lines()
+            .nth(1)
+            .unwrap()
+            .strip_prefix("data: ")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["type"], "Job Started");
+    assert_eq!(first["job_id"], job_id.as_str());
+    assert!(first["timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+
+    // Reconnect with Last-Event-ID: 3 → starts at id 4.
+    let replay = dechunk(
+        raw_sse(addr, &format!("GET /jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 3\r\nConnection: close\r\n\r\n"))
+            .await
+            .split_once("\r\n\r\n")
+            .unwrap()
+            .1,
+    );
+    let expected: String = log
+        .iter()
+        .skip(3)
+        .map(tiny_backspace::http::sse_frame)
+        .collect();
+    assert!(replay.starts_with("id: 4\n"), "{replay}");
+    assert_eq!(replay, expected);
+    // ?after=N does the same for clients that cannot set headers.
+    let after = dechunk(
+        raw_sse(
+            addr,
+            &format!(
+                "GET /jobs/{job_id}/events?after=5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await
+        .split_once("\r\n\r\n")
+        .unwrap()
+        .1,
+    );
+    assert!(after.starts_with("id: 6\n"), "{after}");
+}
+
+#[tokio::test]
+async fn a_disconnected_client_does_not_cancel_and_delete_does() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let slow = Scripted::new("slow", vec![Step::Hang]);
+    let api = api(
+        HarnessOptions {
+            agents: vec![slow],
+            ..HarnessOptions::default()
+        },
+        vec![],
+        true,
+    )
+    .await;
+    let body = json!({"repoUrl": repo.path().display().to_string(), "prompt": "x"}).to_string();
+    // Start streaming, then drop the response (the client goes away).
+    let response = api.app.clone().oneshot(post("/code", body)).await.unwrap();
+    let id = response.headers()["x-job-id"].to_str().unwrap().to_owned();
+    drop(response);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let job = api.harness.registry.get(&id).unwrap();
+    assert!(
+        !job.is_finished(),
+        "the job must keep running without its client"
+    );
+    let (status, _, bytes) = send(
+        &api.app,
+        Request::delete(format!("/jobs/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let events = support::harness::events_of(&job).await;
+    let done = support::harness::done(&events);
+    assert_eq!(done["status"], "cancelled");
+    assert_eq!(
+        api.harness.live_workspaces(),
+        0,
+        "the sandbox was cleaned up"
+    );
+    let (status, _, bytes) = send(
+        &api.app,
+        Request::delete(format!("/jobs/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::CONFLICT, "job_finished".to_string())
+    );
+    let (status, _, bytes) = send(
+        &api.app,
+        Request::get(format!("/jobs/{id}/events"))
+            .header("last-event-id", "x")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::BAD_REQUEST, "invalid_last_event_id".to_string())
+    );
+}

@@ -1,0 +1,632 @@
+//! Whole jobs on the embedded defaults, checked with real git, and the one-`Done` guarantee
+//! under injected failures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pretty_assertions::assert_eq;
+use serde_json::json;
+use support::harness::{
+    Fault, Faulty, Harness, HarnessOptions, Scripted, Step, call, done, events_of, git,
+    local_sandbox, repo_with, shape,
+};
+use tiny_backspace::agent::runner::AgentLimits;
+use tiny_backspace::agent::{Part, ProviderError};
+use tiny_backspace::job::event::EventKind;
+
+const APP: &str = "def greet(name):\n    return \"Hello \" + name\n";
+
+#[tokio::test]
+async fn the_dummy_agent_job_leaves_a_branch_with_exactly_its_change() {
+    let repo = repo_with(&[("app.py", APP), ("README.md", "# Demo\n")]);
+    let h = Harness::new(HarnessOptions::default()).await;
+    let job = h.submit(repo.path(), "Replace \"Hello \" with \"Hi, \" in app.py");
+    let events = events_of(&job).await;
+    assert_eq!(
+        shape(&events),
+        vec![
+            "Job Started",
+            "Status:queue:started",
+            "Status:queue:succeeded",
+            "Status:sandbox:started",
+            "Status:sandbox:succeeded",
+            "Status:clone:started",
+            "Tool: Bash",
+            "Status:clone:succeeded",
+            "Status:agent:started",
+            "AI Message",
+            "Tool: Read",
+            "AI Message",
+            "Tool: Edit",
+            "AI Message",
+            "Status:agent:succeeded",
+            "Status:commit:started",
+            "Diff",
+            "Status:commit:succeeded",
+            "Status:pr:started",
+            "Status:pr:skipped",
+            "Status:cleanup:started",
+            "Status:cleanup:succeeded",
+            "Done",
+        ]
+    );
+    let seqs: Vec<u64> = job.log().replay_after(0).iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+    let edit = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::ToolEdit { .. }))
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&edit.kind).unwrap(),
+        json!({"type": "Tool: Edit", "filepath": "app.py", "old_str": "Hello ", "new_str": "Hi, "})
+    );
+    let done = done(&events);
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["files_changed"], 1);
+    let branch = done["branch"].as_str().unwrap();
+    assert!(
+        branch.starts_with("tiny-backspace/replace-hello-with-hi-in-app-"),
+        "{branch}"
+    );
+
+    // The branch holds exactly the change, as one commit by Tiny Backspace on main.
+    assert_eq!(
+        git(repo.path(), &["diff", "--name-status", "main", branch]),
+        "M\tapp.py\n"
+    );
+    assert_eq!(
+        git(repo.path(), &["show", &format!("{branch}:app.py")]),
+        "def greet(name):\n    return \"Hi, \" + name\n"
+    );
+    assert_eq!(
+        git(repo.path(), &["rev-parse", &format!("{branch}~1")]),
+        git(repo.path(), &["rev-parse", "main"])
+    );
+    assert_eq!(
+        git(repo.path(), &["log", "-1", "--format=%an <%ae>", branch]),
+        "Tiny Backspace <tiny-backspace@users.noreply.github.com>\n"
+    );
+    // The user's checkout is untouched.
+    assert_eq!(git(repo.path(), &["status", "--porcelain"]), "");
+    assert_eq!(
+        git(repo.path(), &["rev-parse", "--abbrev-ref", "HEAD"]),
+        "main\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.path().join("app.py")).unwrap(),
+        APP
+    );
+    assert_eq!(h.live_workspaces(), 0);
+    // The patch matches the branch.
+    let (patch, truncated) = job.patch().unwrap().clone();
+    assert!(!truncated);
+    assert_eq!(
+        patch,
+        git(repo.path(), &["diff", "--binary", "main", branch])
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_request_is_recorded_in_a_clearly_named_file() {
+    let repo = repo_with(&[("README.md", "# Demo\n")]);
+    let h = Harness::new(HarnessOptions::default()).await;
+    let job = h.submit(repo.path(), "Add input validation to all POST endpoints");
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "succeeded");
+    let branch = done["branch"].as_str().unwrap();
+    let recorded = git(
+        repo.path(),
+        &["show", &format!("{branch}:TINY_BACKSPACE_REQUEST.md")],
+    );
+    assert!(
+        recorded.contains("> Add input validation to all POST endpoints"),
+        "{recorded}"
+    );
+}
+
+#[tokio::test]
+async fn deletions_binary_files_modes_and_symlinks_reach_the_branch() {
+    let repo = repo_with(&[
+        ("old.txt", "old\n"),
+        ("run.sh", "echo hi\n"),
+        ("keep.txt", "keep\n"),
+    ]);
+    let model = Scripted::new(
+        "model",
+        vec![
+            Step::Turn(vec![call(
+                "1",
+                "run_command",
+                json!({"command": "rm old.txt && chmod +x run.sh && printf '\\000\\001\\002\\377' > blob.bin && ln -s keep.txt link.txt"}),
+            )]),
+            Step::Turn(vec![call(
+                "2",
+                "finish",
+                json!({"title": "Shuffle files", "summary": "Deleted, chmodded, added a binary and a link."}),
+            )]),
+        ],
+    );
+    let h = Harness::new(HarnessOptions {
+        agents: vec![model],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h.submit(repo.path(), "shuffle");
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "succeeded", "{events:#?}");
+    let branch = done["branch"].as_str().unwrap();
+    let tree = git(repo.path(), &["ls-tree", branch]);
+    let entries: Vec<(String, String)> = tree
+        .lines()
+        .map(|l| {
+            let (meta, path) = l.split_once('\t').unwrap();
+            (meta.split(' ').next().unwrap().to_owned(), path.to_owned())
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            ("100644".to_owned(), "blob.bin".to_owned()),
+            ("100644".to_owned(), "keep.txt".to_owned()),
+            ("120000".to_owned(), "link.txt".to_owned()),
+            ("100755".to_owned(), "run.sh".to_owned()),
+        ]
+    );
+    let blob = std::process::Command::new("git")
+        .args(["show", &format!("{branch}:blob.bin")])
+        .current_dir(repo.path())
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(blob, vec![0u8, 1, 2, 255]);
+    assert_eq!(
+        git(
+            repo.path(),
+            &["cat-file", "-p", &format!("{branch}:link.txt")]
+        ),
+        "keep.txt"
+    );
+    let diff = events.iter().find_map(|e| match &e.kind {
+        EventKind::Diff { files, .. } => Some(files.clone()),
+        _ => None,
+    });
+    let statuses: Vec<(String, String)> = diff
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f.path.clone(),
+                serde_json::to_value(f.status)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("blob.bin".into(), "added".into()),
+            ("link.txt".into(), "added".into()),
+            ("old.txt".into(), "deleted".into()),
+            ("run.sh".into(), "modified".into()),
+        ]
+    );
+}
+
+/// Runs a job expected to fail and returns (error code of Done, Error event codes, events).
+async fn failing_job(
+    options: HarnessOptions,
+    prompt: &str,
+) -> (
+    String,
+    Vec<String>,
+    Vec<tiny_backspace::job::Event>,
+    Harness,
+) {
+    let repo = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(options).await;
+    let job = h.submit(repo.path(), prompt);
+    let events = events_of(&job).await;
+    let done = done(&events);
+    let errors = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Error { code, .. } => Some(code.clone()),
+            _ => None,
+        })
+        .collect();
+    let code = done["error"]["code"].as_str().unwrap_or("").to_owned();
+    assert_ne!(done["status"], "succeeded");
+    // Nothing is left behind, and the repository gained no branch.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.live_workspaces(), 0);
+    assert_eq!(git(repo.path(), &["branch", "--list"]).lines().count(), 1);
+    (code, errors, events, h)
+}
+
+#[tokio::test]
+async fn a_failing_clone_ends_with_error_and_one_done() {
+    let workspaces = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Faulty {
+        inner: local_sandbox(workspaces.path()).await,
+        fault: Fault::CloneFails,
+    });
+    let (code, errors, events, _h) = failing_job(
+        HarnessOptions {
+            sandbox: Some(sandbox),
+            ..HarnessOptions::default()
+        },
+        "x",
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), errors),
+        ("clone_failed", vec!["clone_failed".to_owned()])
+    );
+    assert!(shape(&events).ends_with(&[
+        "Status:clone:failed".into(),
+        "Error".into(),
+        "Status:cleanup:started".into(),
+        "Status:cleanup:succeeded".into(),
+        "Done".into()
+    ]));
+    assert_eq!(std::fs::read_dir(workspaces.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn a_sandbox_that_cannot_be_created_ends_with_error_and_one_done() {
+    let workspaces = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Faulty {
+        inner: local_sandbox(workspaces.path()).await,
+        fault: Fault::CreateFails,
+    });
+    let (code, _, events, _h) = failing_job(
+        HarnessOptions {
+            sandbox: Some(sandbox),
+            ..HarnessOptions::default()
+        },
+        "x",
+    )
+    .await;
+    assert_eq!(code, "sandbox_create_failed");
+    assert!(shape(&events).ends_with(&[
+        "Status:sandbox:failed".into(),
+        "Error".into(),
+        "Status:cleanup:skipped".into(),
+        "Done".into()
+    ]));
+}
+
+#[tokio::test]
+async fn a_sandbox_command_that_times_out_ends_with_error_and_one_done() {
+    let workspaces = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Faulty {
+        inner: local_sandbox(workspaces.path()).await,
+        fault: Fault::CollectTimesOut,
+    });
+    let (code, _, _, _h) = failing_job(
+        HarnessOptions {
+            sandbox: Some(sandbox),
+            ..HarnessOptions::default()
+        },
+        "Replace \"Hello \" with \"Hi, \" in app.py",
+    )
+    .await;
+    assert_eq!(code, "diff_failed");
+    assert_eq!(std::fs::read_dir(workspaces.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn an_agent_command_that_times_out_goes_back_to_the_model() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let model = Scripted::new(
+        "model",
+        vec![
+            Step::Turn(vec![call(
+                "1",
+                "run_command",
+                json!({"command": "sleep 60", "timeout_secs": 1}),
+            )]),
+            Step::Turn(vec![call(
+                "2",
+                "write_file",
+                json!({"path": "NOTE.md", "content": "slow\n"}),
+            )]),
+            Step::Turn(vec![call(
+                "3",
+                "finish",
+                json!({"title": "Note", "summary": "s"}),
+            )]),
+        ],
+    );
+    let h = Harness::new(HarnessOptions {
+        agents: vec![model.clone()],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let events = events_of(&h.submit(repo.path(), "x")).await;
+    assert_eq!(done(&events)["status"], "succeeded");
+    let bash = events.iter().find_map(|e| match &e.kind {
+        EventKind::ToolBash {
+            command, exit_code, ..
+        } if command == "sleep 60" => Some(*exit_code),
+        _ => None,
+    });
+    assert_eq!(bash, Some(124));
+    let seen = model.seen.lock().unwrap();
+    let result = seen[1]
+        .messages
+        .last()
+        .unwrap()
+        .content
+        .first()
+        .unwrap()
+        .clone();
+    let Part::ToolResult {
+        content, is_error, ..
+    } = result
+    else {
+        panic!("{result:?}")
+    };
+    assert!(is_error && content.contains("timed out"), "{content}");
+}
+
+#[tokio::test]
+async fn a_provider_error_ends_with_error_and_one_done() {
+    let model = Scripted::new(
+        "model",
+        vec![Step::Fail(ProviderError::fallback("401 invalid x-api-key"))],
+    );
+    let (code, errors, _, _h) = failing_job(
+        HarnessOptions {
+            agents: vec![model],
+            ..HarnessOptions::default()
+        },
+        "x",
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), errors),
+        ("agent_failed", vec!["agent_failed".to_owned()])
+    );
+}
+
+#[tokio::test]
+async fn a_failing_provider_falls_back_to_the_next_with_the_same_transcript() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let first = Scripted::new(
+        "first",
+        vec![
+            Step::Turn(vec![
+                Part::Text {
+                    text: "Looking.".into(),
+                },
+                call("1", "read_file", json!({"path": "app.py"})),
+            ]),
+            Step::Fail(ProviderError::fallback("overloaded")),
+        ],
+    );
+    let second = Scripted::new(
+        "second",
+        vec![
+            Step::Turn(vec![call(
+                "2",
+                "edit_file",
+                json!({"path": "app.py", "old_str": "Hello ", "new_str": "Hey "}),
+            )]),
+            Step::Turn(vec![call(
+                "3",
+                "finish",
+                json!({"title": "Say hey", "summary": "s"}),
+            )]),
+        ],
+    );
+    let h = Harness::new(HarnessOptions {
+        agents: vec![first.clone(), second.clone()],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let events = events_of(&h.submit(repo.path(), "say hey")).await;
+    assert_eq!(done(&events)["status"], "succeeded");
+    let fallback = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::AgentFallback { .. }))
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&fallback.kind).unwrap(),
+        json!({"type": "Agent Fallback", "from": "first", "to": "second", "reason": "overloaded"})
+    );
+    // The second provider got the first one's conversation, tool result included.
+    let handed_over = second.seen.lock().unwrap()[0].clone();
+    assert_eq!(handed_over, first.seen.lock().unwrap()[1]);
+    assert_eq!(handed_over.messages.len(), 3);
+    let usage = done(&events)["usage"].clone();
+    assert_eq!(
+        usage,
+        json!([
+            {"provider": "first", "model": "scripted", "input_tokens": 10, "output_tokens": 5},
+            {"provider": "second", "model": "scripted", "input_tokens": 20, "output_tokens": 10}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn the_job_timeout_ends_with_timeout_and_cleans_up() {
+    let model = Scripted::new("model", vec![Step::Hang]);
+    let (code, errors, _, _h) = failing_job(
+        HarnessOptions {
+            agents: vec![model],
+            job_timeout: Duration::from_secs(2),
+            ..HarnessOptions::default()
+        },
+        "x",
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), errors),
+        ("timeout", vec!["timeout".to_owned()])
+    );
+}
+
+#[tokio::test]
+async fn cancel_stops_the_job_and_cleans_up() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let model = Scripted::new("model", vec![Step::Hang]);
+    let h = Harness::new(HarnessOptions {
+        agents: vec![model],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h.submit(repo.path(), "x");
+    // Wait until the agent is running, then cancel.
+    let mut follow = Box::pin(job.log().follow(0));
+    use futures::StreamExt;
+    while let Some(item) = follow.next().await {
+        if matches!(
+            item.event.kind,
+            EventKind::Status {
+                step: tiny_backspace::job::event::Step::Agent,
+                ..
+            }
+        ) {
+            break;
+        }
+    }
+    job.cancel();
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "cancelled");
+    assert!(shape(&events).ends_with(&[
+        "Status:cleanup:started".into(),
+        "Status:cleanup:succeeded".into(),
+        "Done".into()
+    ]));
+    assert_eq!(h.live_workspaces(), 0);
+}
+
+#[tokio::test]
+async fn a_panic_in_the_job_task_still_ends_with_one_done_and_no_sandbox() {
+    let model = Scripted::new("model", vec![Step::Panic]);
+    let (code, errors, _, _h) = failing_job(
+        HarnessOptions {
+            agents: vec![model],
+            ..HarnessOptions::default()
+        },
+        "x",
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), errors),
+        ("internal", vec!["internal".to_owned()])
+    );
+}
+
+#[tokio::test]
+async fn an_agent_that_changes_nothing_fails_clearly() {
+    let model = Scripted::new(
+        "model",
+        vec![Step::Turn(vec![call(
+            "1",
+            "finish",
+            json!({"title": "Nothing", "summary": "nothing to do"}),
+        )])],
+    );
+    let (code, _, _, _h) = failing_job(
+        HarnessOptions {
+            agents: vec![model],
+            ..HarnessOptions::default()
+        },
+        "x",
+    )
+    .await;
+    assert_eq!(code, "no_changes");
+}
+
+#[tokio::test]
+async fn tool_errors_go_back_to_the_model_and_budgets_publish_partial_work() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let model = Scripted::new(
+        "model",
+        vec![
+            Step::Turn(vec![
+                call("1", "no_such_tool", json!({})),
+                call(
+                    "2",
+                    "edit_file",
+                    json!({"path": "app.py", "old_str": "return  \"Hello \"", "new_str": "x"}),
+                ),
+                call("3", "read_file", json!({"path": "../etc/passwd"})),
+                Part::ToolCall {
+                    id: "4".into(),
+                    name: "write_file".into(),
+                    arguments: serde_json::Value::Null,
+                    raw_arguments: Some("{\"path\": ".into()),
+                },
+            ]),
+            Step::Turn(vec![call(
+                "5",
+                "write_file",
+                json!({"path": "WIP.md", "content": "half done\n"}),
+            )]),
+            Step::Turn(vec![call("6", "read_file", json!({"path": "WIP.md"}))]),
+        ],
+    );
+    let h = Harness::new(HarnessOptions {
+        agents: vec![model.clone()],
+        agent_limits: AgentLimits {
+            max_turns: 3,
+            ..AgentLimits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .await;
+    let events = events_of(&h.submit(repo.path(), "x")).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "succeeded");
+    let seen = model.seen.lock().unwrap();
+    let answers: Vec<(bool, String)> = seen[1]
+        .messages
+        .last()
+        .unwrap()
+        .content
+        .iter()
+        .map(|p| match p {
+            Part::ToolResult {
+                is_error, content, ..
+            } => (*is_error, content.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(answers.len(), 4, "every call of the turn is answered");
+    assert!(answers.iter().all(|(is_error, _)| *is_error));
+    assert!(answers[0].1.contains("Unknown tool `no_such_tool`"));
+    assert!(
+        answers[1].1.contains("closest lines")
+            && answers[1].1.contains("2\t    return \"Hello \" + name"),
+        "{}",
+        answers[1].1
+    );
+    assert!(answers[2].1.contains("leaves the repository"));
+    assert!(answers[3].1.contains("not valid JSON"));
+    // The turn budget ran out after a file changed: the work is published, marked partial.
+    let branch = done["branch"].as_str().unwrap();
+    let subject = git(
+        h.workspaces.path(),
+        &[
+            "-C",
+            repo.path().to_str().unwrap(),
+            "log",
+            "-1",
+            "--format=%s",
+            branch,
+        ],
+    );
+    assert!(subject.starts_with("[partial] "), "{subject}");
+}
