@@ -1,1 +1,174 @@
-fn main() {}
+//! Benchmarks of the embedded pipeline (run with `cargo bench --bench pipeline`):
+//! - time to the first event of `POST /code`, over a real socket;
+//! - a whole dummy job on a ~1,000-file repository, against the bare
+//!   `git clone --depth 1` + `git diff` time on the same repository.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tiny_backspace::agent::dummy::DummyProvider;
+use tiny_backspace::agent::retry::RetryPolicy;
+use tiny_backspace::agent::runner::AgentLimits;
+use tiny_backspace::forge::Forges;
+use tiny_backspace::forge::local::LocalForge;
+use tiny_backspace::forge::policy::CommitPolicy;
+use tiny_backspace::http::{AppState, router};
+use tiny_backspace::job::pipeline::Backends;
+use tiny_backspace::job::{JobRegistry, JobRequest, Limits};
+use tiny_backspace::redact::Redactor;
+use tiny_backspace::repo::{RepoPolicy, RepoRef};
+use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
+
+const RUNS: usize = 15;
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("git")
+        .args(["-c", "user.name=Bench", "-c", "user.email=bench@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+/// A repository of `n` source files in nested directories (~40 lines each).
+fn make_repo(dir: &Path, n: usize) {
+    git(dir, &["init", "-q", "-b", "main"]);
+    for i in 0..n {
+        let path = dir.join(format!("pkg{}/mod{}/file{i}.py", i % 10, i % 7));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let body: String = (0..40).map(|l| format!("def f{i}_{l}(x):\n    return x + {l}\n")).collect();
+        std::fs::write(path, body).unwrap();
+    }
+    std::fs::write(dir.join("app.py"), "def greet(name):\n    return \"Hello \" + name\n").unwrap();
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "initial"]);
+}
+
+fn stats(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = samples[samples.len() / 2];
+    let p90 = samples[(samples.len() * 9 / 10).min(samples.len() - 1)];
+    format!(
+        "median {:8.2} ms   p90 {:8.2} ms   min {:8.2} ms   (n={})",
+        ms(median),
+        ms(p90),
+        ms(samples[0]),
+        samples.len()
+    )
+}
+
+async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
+    let mut config = LocalConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
+    config.root = workspaces.to_path_buf();
+    let backends = Backends {
+        sandbox: Arc::new(LocalProvider::new(config).await.unwrap()),
+        agents: vec![Arc::new(DummyProvider)],
+        forges: Forges { local: Arc::new(LocalForge), remote: None },
+        commit_policy: CommitPolicy::default(),
+        agent_limits: AgentLimits::default(),
+        retry: RetryPolicy::default(),
+        redactor: Redactor::default(),
+        job_timeout: Duration::from_secs(600),
+        clone_timeout: Duration::from_secs(600),
+    };
+    JobRegistry::new(Arc::new(backends), Limits { max_concurrent: 2, ..Limits::default() })
+}
+
+async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let registry = registry(workspaces).await;
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        repo_policy: RepoPolicy { allow_local: true, ..RepoPolicy::default() },
+        api_keys: vec![],
+        cors_origins: vec![],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let body = serde_json::json!({"repoUrl": repo.display().to_string(), "prompt": "Replace \"Hello \" with \"Hi, \" in app.py"}).to_string();
+    let request = format!(
+        "POST /code HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("data: {\"type\":\"Job Started\"") {
+                break;
+            }
+        }
+        samples.push(started.elapsed());
+        // Let the job finish before the next sample, so samples do not queue behind each other.
+        drop(stream);
+        while registry.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    samples
+}
+
+async fn whole_jobs(repo: &Path, workspaces: &Path) -> Vec<Duration> {
+    let registry = registry(workspaces).await;
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let job = registry
+            .submit(JobRequest {
+                repo: RepoRef::Local { path: repo.to_path_buf() },
+                prompt: "Replace \"Hello \" with \"Hi, \" in app.py".into(),
+                base_branch: None,
+                draft: false,
+                branch: None,
+            })
+            .unwrap();
+        let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
+        let json = serde_json::to_value(&last.event).unwrap();
+        assert_eq!(json["status"], "succeeded", "{json}");
+        samples.push(started.elapsed());
+    }
+    samples
+}
+
+fn bare_git(repo: &Path) -> Vec<Duration> {
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let scratch = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        git(scratch.path(), &["clone", "-q", "--depth", "1", &format!("file://{}", repo.display()), "c"]);
+        let clone = scratch.path().join("c");
+        std::fs::write(clone.join("app.py"), "def greet(name):\n    return \"Hi, \" + name\n").unwrap();
+        git(&clone, &["diff"]);
+        samples.push(started.elapsed());
+    }
+    samples
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    make_repo(repo.path(), 1000);
+    let repo_path = repo.path().canonicalize().unwrap();
+    let workspaces = tempfile::tempdir().unwrap();
+    println!("repository: 1,001 files; {RUNS} runs each");
+    let first = runtime.block_on(time_to_first_event(&repo_path, workspaces.path()));
+    println!("time to first event (POST /code → `Job Started` on the socket): {}", stats(first));
+    let jobs = runtime.block_on(whole_jobs(&repo_path, workspaces.path()));
+    println!("whole dummy job (queue → clone → agent → diff → branch → cleanup): {}", stats(jobs));
+    println!("bare `git clone --depth 1` + edit + `git diff`:                   {}", stats(bare_git(&repo_path)));
+}

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::Provider;
+use crate::agent::anthropic::{AnthropicConfig, AnthropicProvider};
+use crate::agent::openai::{OpenAiConfig, OpenAiProvider};
 use crate::agent::dummy::DummyProvider;
 use crate::agent::retry::RetryPolicy;
 use crate::agent::runner::AgentLimits;
+use crate::forge::github::{GithubConfig, GithubForge};
 use crate::forge::local::LocalForge;
 use crate::forge::policy::CommitPolicy;
 use crate::forge::{Forge, Forges};
@@ -17,6 +20,7 @@ use crate::job::pipeline::Backends;
 use crate::redact::Redactor;
 use crate::repo::RepoPolicy;
 use crate::sandbox::SandboxProvider;
+use crate::sandbox::e2b::{E2bConfig, E2bProvider};
 use crate::sandbox::local::{LocalConfig, LocalProvider};
 
 /// Which sandbox backend to use.
@@ -262,21 +266,43 @@ impl Config {
     }
 }
 
-fn build_e2b(_lookup: &dyn Fn(&str) -> Option<String>) -> Result<Arc<dyn SandboxProvider>, String> {
-    Err("SANDBOX=e2b is not available in this build".into())
+fn build_e2b(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Arc<dyn SandboxProvider>, String> {
+    let config = E2bConfig::from_lookup(lookup).map_err(|e| format!("E2B: {e}"))?;
+    Ok(Arc::new(E2bProvider::new(config)))
 }
 
+/// A model provider by name; `None` when its key is not set (it is then skipped).
 fn build_provider(
-    _name: &str,
-    _lookup: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
-    Ok(None)
+    match name {
+        "anthropic" => AnthropicConfig::from_lookup(lookup)
+            .map(|config| {
+                let config = config.map_err(|e| format!("Anthropic: {e}"))?;
+                let provider = AnthropicProvider::new(config).map_err(|e| format!("Anthropic: {e}"))?;
+                Ok(Arc::new(provider) as Arc<dyn Provider>)
+            })
+            .transpose(),
+        "openai" => OpenAiConfig::from_lookup(lookup)
+            .map(|config| {
+                let config = config.map_err(|e| format!("OpenAI: {e}"))?;
+                let provider = OpenAiProvider::new(config).map_err(|e| format!("OpenAI: {e}"))?;
+                Ok(Arc::new(provider) as Arc<dyn Provider>)
+            })
+            .transpose(),
+        other => Err(format!("unknown agent `{other}`")),
+    }
 }
 
-fn build_github(
-    _lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<Arc<dyn Forge>>, String> {
-    Ok(None)
+fn build_github(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<Arc<dyn Forge>>, String> {
+    GithubConfig::from_lookup(lookup)
+        .map(|config| {
+            GithubForge::new(config)
+                .map(|forge| Arc::new(forge) as Arc<dyn Forge>)
+                .map_err(|e| format!("GitHub: {}", e.message))
+        })
+        .transpose()
 }
 
 #[cfg(test)]

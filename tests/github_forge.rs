@@ -263,6 +263,32 @@ async fn publish_every_kind_of_change(prefix: &str) {
         blob("src/new/mod.rs"),
         "// ünïcödé\r\nfn g() {}\n".as_bytes()
     );
+    // One tree request: inline text, the uploaded blob, an explicit deletion, real modes.
+    let requests = fake.requests();
+    let tree_body: serde_json::Value = serde_json::from_str(
+        &requests
+            .iter()
+            .find(|r| r.method == "POST" && r.path.ends_with("/git/trees"))
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    let base_tree = git(&bare, &["rev-parse", &format!("{base}^{{tree}}")]);
+    let logo = git(&bare, &["rev-parse", &format!("{branch}:assets/logo.bin")]);
+    assert_eq!(
+        tree_body,
+        serde_json::json!({
+            "base_tree": base_tree.trim(),
+            "tree": [
+                {"path": "README.md", "mode": "100644", "type": "blob", "content": "# Widgets\n\nNow with more widgets.\n"},
+                {"path": "old.txt", "mode": "100644", "type": "blob", "sha": null},
+                {"path": "assets/logo.bin", "mode": "100644", "type": "blob", "sha": logo.trim()},
+                {"path": "run.sh", "mode": "100755", "type": "blob", "content": "#!/bin/sh\necho hi\n"},
+                {"path": "docs/readme-link", "mode": "120000", "type": "blob", "content": "../README.md"},
+                {"path": "src/new/mod.rs", "mode": "100644", "type": "blob", "content": "// ünïcödé\r\nfn g() {}\n"},
+            ],
+        })
+    );
     // The same tree git plumbing (the local forge) makes of the same change.
     assert_eq!(
         git(&bare, &["rev-parse", &format!("{branch}^{{tree}}")]).trim(),

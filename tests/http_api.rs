@@ -430,7 +430,7 @@ fn dechunk(body: &str) -> String {
             break;
         }
         out.push_str(&tail[..size]);
-        rest = &tail[size..].trim_start_matches("\r\n");
+        rest = tail[size..].trim_start_matches("\r\n");
     }
     out
 }

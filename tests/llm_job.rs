@@ -52,7 +52,11 @@ fn read_edit_finish(prefix: &str) -> Vec<Reply> {
         Reply::turn(ScriptedTurn::new(
             vec![
                 Block::text("Let me read app.py."),
-                Block::call(&format!("{prefix}1"), "read_file", json!({"path": "app.py"})),
+                Block::call(
+                    &format!("{prefix}1"),
+                    "read_file",
+                    json!({"path": "app.py"}),
+                ),
             ],
             "tool_use",
         )),
@@ -126,9 +130,7 @@ fn ai_messages(events: &[Event]) -> Vec<(String, String)> {
     events
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::AiMessage { message, provider } => {
-                Some((provider.clone(), message.clone()))
-            }
+            EventKind::AiMessage { message, provider } => Some((provider.clone(), message.clone())),
             _ => None,
         })
         .collect()
@@ -138,7 +140,10 @@ fn ai_messages(events: &[Event]) -> Vec<(String, String)> {
 fn assert_key_stays_in_headers(requests: &[Recorded], header: &str, value: &str, events: &[Event]) {
     for r in requests {
         assert_eq!(r.header(header), Some(value));
-        assert!(!r.raw_body.contains(CANARY), "the key reached a model request body");
+        assert!(
+            !r.raw_body.contains(CANARY),
+            "the key reached a model request body"
+        );
     }
     let all = serde_json::to_string(&events.iter().map(|e| &e.kind).collect::<Vec<_>>()).unwrap();
     assert!(!all.contains(CANARY), "the key reached an event");
@@ -152,12 +157,7 @@ async fn an_anthropic_job_reads_edits_and_finishes() {
     assert_edited(&repo, &events);
     assert_eq!(
         agent_events(&events),
-        [
-            "AI Message",
-            "Tool: Read",
-            "AI Message",
-            "Tool: Edit",
-        ]
+        ["AI Message", "Tool: Read", "AI Message", "Tool: Edit",]
     );
     assert_eq!(
         ai_messages(&events),
@@ -229,8 +229,7 @@ async fn claude_overloaded_hands_the_same_transcript_to_openai() {
     let gpt = FakeOpenAi::start().await;
     gpt.push([edit_turn("call_"), finish_turn("call_")]);
 
-    let (repo, _h, events) =
-        run_job(vec![anthropic(&claude), openai(&gpt, OpenAiApi::Chat)]).await;
+    let (repo, _h, events) = run_job(vec![anthropic(&claude), openai(&gpt, OpenAiApi::Chat)]).await;
     assert_edited(&repo, &events);
     assert_eq!(
         agent_events(&events),
@@ -251,7 +250,10 @@ async fn claude_overloaded_hands_the_same_transcript_to_openai() {
             _ => None,
         })
         .unwrap();
-    assert_eq!((fallback.0.as_str(), fallback.1.as_str()), ("anthropic", "openai"));
+    assert_eq!(
+        (fallback.0.as_str(), fallback.1.as_str()),
+        ("anthropic", "openai")
+    );
     assert!(fallback.2.contains("529"), "{}", fallback.2);
 
     // OpenAI's first request continues Claude's conversation: its call and the file it read.
@@ -268,11 +270,17 @@ async fn claude_overloaded_hands_the_same_transcript_to_openai() {
     assert_eq!(messages[3]["role"], "tool");
     assert_eq!(messages[3]["tool_call_id"], "toolu_01");
     assert!(
-        messages[3]["content"].as_str().unwrap().contains("return \"Hello \" + name"),
+        messages[3]["content"]
+            .as_str()
+            .unwrap()
+            .contains("return \"Hello \" + name"),
         "{}",
         messages[3]
     );
-    assert!(!first.to_string().contains("c2ln"), "Claude's thinking went to OpenAI");
+    assert!(
+        !first.to_string().contains("c2ln"),
+        "Claude's thinking went to OpenAI"
+    );
     // Claude's second request was the same transcript.
     let claude_requests = claude.requests();
     assert_eq!(claude_requests.len(), 2, "max_retries = 0 in the harness");
@@ -307,7 +315,12 @@ async fn bad_tool_calls_go_back_to_the_model_as_tool_errors() {
     let results = second["messages"][2]["content"].as_array().unwrap();
     let summary: Vec<(&str, bool)> = results
         .iter()
-        .map(|r| (r["tool_use_id"].as_str().unwrap(), r["is_error"].as_bool().unwrap()))
+        .map(|r| {
+            (
+                r["tool_use_id"].as_str().unwrap(),
+                r["is_error"].as_bool().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,

@@ -536,7 +536,8 @@ fn wire_messages(transcript: &Transcript) -> Vec<Value> {
         for part in &message.content {
             match part {
                 Part::Text { text } => {
-                    if !text.is_empty() {
+                    // The API rejects text blocks that are empty or only whitespace.
+                    if !text.trim().is_empty() {
                         blocks.push(json!({"type": "text", "text": text}));
                     }
                 }
@@ -559,12 +560,18 @@ fn wire_messages(transcript: &Transcript) -> Vec<Value> {
                     call_id,
                     content,
                     is_error,
-                } => blocks.push(json!({
-                    "type": "tool_result",
-                    "tool_use_id": wire_id(call_id),
-                    "content": content,
-                    "is_error": is_error,
-                })),
+                } => {
+                    let mut block = json!({
+                        "type": "tool_result",
+                        "tool_use_id": wire_id(call_id),
+                        "is_error": is_error,
+                    });
+                    // `content` is optional; an empty one is left out rather than risk a 400.
+                    if !content.is_empty() {
+                        block["content"] = json!(content);
+                    }
+                    blocks.push(block);
+                }
                 Part::Opaque { provider, value } => {
                     if provider == NAME {
                         blocks.push(value.clone());
@@ -661,9 +668,7 @@ mod tests {
                             provider: "openai".into(),
                             value: json!({"type": "reasoning"}),
                         },
-                        Part::Text {
-                            text: String::new(),
-                        },
+                        Part::Text { text: " \n".into() },
                         Part::ToolCall {
                             id: "call.1".into(),
                             name: "read_file".into(),
@@ -693,11 +698,18 @@ mod tests {
                 },
                 Message {
                     role: Role::User,
-                    content: vec![Part::ToolResult {
-                        call_id: "toolu_2".into(),
-                        content: "bad json".into(),
-                        is_error: true,
-                    }],
+                    content: vec![
+                        Part::ToolResult {
+                            call_id: "toolu_2".into(),
+                            content: "bad json".into(),
+                            is_error: true,
+                        },
+                        Part::ToolResult {
+                            call_id: "toolu_3".into(),
+                            content: String::new(),
+                            is_error: false,
+                        },
+                    ],
                 },
             ],
         };
@@ -713,6 +725,7 @@ mod tests {
                 {"role": "user", "content": [
                     {"type": "tool_result", "tool_use_id": "call_1", "content": "x", "is_error": false},
                     {"type": "tool_result", "tool_use_id": "toolu_2", "content": "bad json", "is_error": true},
+                    {"type": "tool_result", "tool_use_id": "toolu_3", "is_error": false},
                     {"type": "text", "text": "also"},
                 ]},
             ])

@@ -13,8 +13,9 @@ use super::retry::{classify_http, transport_error};
 /// How long to wait for a TCP (and TLS) connection.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a response may stay silent (no header, no byte of body) before we give up on it.
-/// Streaming servers send `ping`s or deltas far more often than this.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// The official SDKs' read timeout: a reasoning model may think for minutes before its first
+/// token, though streaming servers usually send `ping`s or deltas far more often.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Error bodies are read up to this many bytes; the message keeps less.
 const ERROR_BODY_LIMIT: usize = 16 * 1024;
 const ERROR_MESSAGE_LIMIT: usize = 600;

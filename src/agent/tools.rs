@@ -386,16 +386,17 @@ impl ToolExecutor {
             path: path.to_string(),
             matches: matches.len() as u64,
         });
-        if let Some(err) = text
-            .lines()
-            .find(|l| l.starts_with("grep:") && !l.contains("binary file"))
-        {
-            if matches.is_empty() {
-                return Ok(ToolOutcome::error(err.to_owned()));
-            }
-        }
         if matches.is_empty() {
-            return Ok(ToolOutcome::ok("No matches."));
+            // grep's own complaint (a bad pattern, a missing path) is worth more than "no matches".
+            return Ok(
+                match text
+                    .lines()
+                    .find(|l| l.starts_with("grep:") && !l.contains("binary file"))
+                {
+                    Some(err) => ToolOutcome::error(err.to_owned()),
+                    None => ToolOutcome::ok("No matches."),
+                },
+            );
         }
         let mut out: String = matches
             .iter()

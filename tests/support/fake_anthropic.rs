@@ -453,9 +453,9 @@ fn validate(body: &Value) -> Result<(), String> {
         for (j, block) in blocks.iter().enumerate() {
             match block["type"].as_str() {
                 Some("text") => {
-                    if block["text"].as_str().unwrap_or("").is_empty() {
+                    if block["text"].as_str().unwrap_or("").trim().is_empty() {
                         return Err(format!(
-                            "messages.{i}.content.{j}.text: text content blocks must be non-empty"
+                            "messages.{i}.content.{j}.text: text content blocks must contain non-whitespace text"
                         ));
                     }
                     seen_other = true;

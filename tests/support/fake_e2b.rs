@@ -7,8 +7,8 @@
 //!   in for `/home/user`: `/home/user/...` paths in `cwd`, `/files` and the filesystem service are
 //!   mapped onto it, and `HOME` points at it.
 //! - Every request is logged; `live_sandboxes` counts sandboxes not yet killed or expired.
-//! - One-shot faults: create 503, a stream cut mid-command, a request that never gets an
-//!   answer, a sandbox that vanishes.
+//! - One-shot faults: create 503, a stream cut mid-command, a stream that goes silent, a request
+//!   that never gets an answer, a sandbox that vanishes.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -67,6 +67,9 @@ pub enum Fault {
     /// sends the start event, then the connection drops mid-body.
     /// The process keeps running, as envd's do when a client goes away.
     CutStream { pattern: String },
+    /// The next `process.Process/Start` whose command contains `pattern` sends the start
+    /// event, then nothing at all (no output, no keepalive) while the connection stays open.
+    Stall { pattern: String },
     /// The next request to `path` (for `process.Process/Start`: whose command contains
     /// `pattern`, when given) never gets an answer.
     Hang {
@@ -629,12 +632,15 @@ async fn envd(
             let Some(start) = start else {
                 return connect_error(400, "invalid_argument", "unreadable request envelope");
             };
-            let cut = command.as_ref().is_some_and(|command| {
-                inner
-                    .take_fault(|f| matches!(f, Fault::CutStream { pattern } if command.contains(pattern.as_str())))
-                    .is_some()
+            let stream_fault = command.as_ref().and_then(|command| {
+                inner.take_fault(|f| match f {
+                    Fault::CutStream { pattern } | Fault::Stall { pattern } => {
+                        command.contains(pattern.as_str())
+                    }
+                    _ => false,
+                })
             });
-            start_process(sandbox, headers, start, cut)
+            start_process(sandbox, headers, start, stream_fault)
         }
         ("POST", "/process.Process/SendSignal") => {
             let Ok(message) = serde_json::from_slice::<Value>(&body) else {
@@ -746,7 +752,7 @@ fn start_process(
     sandbox: Arc<FakeSandbox>,
     headers: &HeaderMap,
     start: Value,
-    cut: bool,
+    fault: Option<Fault>,
 ) -> Response {
     let process = &start["process"];
     let cmd = process["cmd"].as_str().unwrap_or("").to_owned();
@@ -904,19 +910,28 @@ fn start_process(
     });
 
     // The response forwards the process's frames. A cut stream forwards the start event only,
-    // then fails, which aborts the connection mid-body.
+    // then fails, which aborts the connection mid-body; a stalled one goes silent instead.
     let mut rx = rx;
     tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             if out_tx.send(frame).await.is_err() {
                 break;
             }
-            if cut {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = out_tx
-                    .send(Err(std::io::Error::other("fault: stream cut")))
-                    .await;
-                break;
+            match fault {
+                Some(Fault::CutStream { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = out_tx
+                        .send(Err(std::io::Error::other("fault: stream cut")))
+                        .await;
+                    break;
+                }
+                Some(Fault::Stall { .. }) => {
+                    // Silent until the client gives up; the process runs on meanwhile.
+                    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+                    out_tx.closed().await;
+                    return;
+                }
+                _ => {}
             }
         }
         // Keep draining so the process is never blocked on a full channel.

@@ -782,7 +782,7 @@ impl Forge for GithubForge {
                 {
                     Ok(found) => found,
                     Err(fork_err) => match refused.take() {
-                        Some((f, ctx)) => {
+                        Some((f, ctx)) if !fork_err.retryable => {
                             tracing::info!(
                                 code = fork_err.code,
                                 "github: fork fallback failed: {}",
@@ -790,7 +790,7 @@ impl Forge for GithubForge {
                             );
                             return Err(self.fail(f, &ctx));
                         }
-                        None => return Err(fork_err),
+                        Some(_) | None => return Err(fork_err),
                     },
                 }
             } else {

@@ -224,6 +224,8 @@ pub async fn run_process(
     let request = endpoint
         .envd_post("/process.Process/Start")
         .header("Content-Type", "application/connect+json")
+        // No HTTP-level compression of the stream: a compressing proxy would hold output back.
+        .header("Accept-Encoding", "identity")
         .header("Connect-Protocol-Version", "1")
         .header("Connect-Accept-Encoding", "identity")
         .header("Connect-Content-Encoding", "identity")
@@ -519,7 +521,8 @@ pub async fn unary(
 pub async fn health(endpoint: &Endpoint) -> Result<bool, SandboxError> {
     let response = endpoint
         .envd_get("/health")
-        .timeout(endpoint.timing.request_timeout)
+        // Only a probe on a failure path: do not make the failure wait long.
+        .timeout(endpoint.timing.request_timeout.min(Duration::from_secs(10)))
         .send()
         .await
         .map_err(|e| transport_error("health check", &e))?;

@@ -1,0 +1,257 @@
+//! The orchestrator's own time with the `e2b` backend, against the in-process fake E2B
+//! (run with `cargo bench --bench e2b`). The fake runs commands on this host, so a sandbox costs
+//! nothing to boot; what remains is our client, the wire protocol and the commands themselves:
+//! - each backend call's round trip (create, clone, exec, read_files of 20 files, kill), next to
+//!   spawning the same `bash -l -c true` directly;
+//! - a whole dummy job (sandbox → clone → agent → diff → branch → cleanup), with its request
+//!   count, next to a bare `git clone --depth 1` + edit + `git diff` on the same repository.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+#[path = "../tests/support/fake_e2b.rs"]
+mod fake_e2b;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tiny_backspace::agent::dummy::DummyProvider;
+use tiny_backspace::agent::retry::RetryPolicy;
+use tiny_backspace::agent::runner::AgentLimits;
+use tiny_backspace::forge::Forges;
+use tiny_backspace::forge::local::LocalForge;
+use tiny_backspace::forge::policy::CommitPolicy;
+use tiny_backspace::job::pipeline::Backends;
+use tiny_backspace::job::{JobRegistry, JobRequest, Limits};
+use tiny_backspace::redact::Redactor;
+use tiny_backspace::repo::RepoRef;
+use tiny_backspace::sandbox::e2b::E2bProvider;
+use tiny_backspace::sandbox::{CloneSpec, ExecRequest, RepoPath, Sandbox};
+
+const RUNS: usize = 15;
+const FILES: usize = 200;
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=Bench",
+            "-c",
+            "user.email=bench@example.com",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+fn make_repo(dir: &Path) {
+    git(dir, &["init", "-q", "-b", "main"]);
+    for i in 0..FILES {
+        let path = dir.join(format!("pkg{}/file{i}.py", i % 10));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let body: String = (0..40)
+            .map(|l| format!("def f{i}_{l}(x):\n    return x + {l}\n"))
+            .collect();
+        std::fs::write(path, body).unwrap();
+    }
+    std::fs::write(
+        dir.join("app.py"),
+        "def greet(name):\n    return \"Hello \" + name\n",
+    )
+    .unwrap();
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "initial"]);
+}
+
+fn stats(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = samples[samples.len() / 2];
+    let p90 = samples[(samples.len() * 9 / 10).min(samples.len() - 1)];
+    format!(
+        "median {:8.2} ms   p90 {:8.2} ms   min {:8.2} ms   (n={})",
+        ms(median),
+        ms(p90),
+        ms(samples[0]),
+        samples.len()
+    )
+}
+
+#[derive(Default)]
+struct Phases {
+    create: Vec<Duration>,
+    clone: Vec<Duration>,
+    exec: Vec<Duration>,
+    read: Vec<Duration>,
+    kill: Vec<Duration>,
+}
+
+async fn phases(fake: &fake_e2b::FakeE2b, repo: &Path) -> Phases {
+    let provider = E2bProvider::new(fake.config());
+    let spec = CloneSpec {
+        url: format!("file://{}", repo.display()),
+        branch: None,
+        timeout: Duration::from_secs(120),
+    };
+    let paths: Vec<RepoPath> = (0..20)
+        .map(|i| RepoPath::parse(&format!("pkg{}/file{i}.py", i % 10)).unwrap())
+        .collect();
+    let mut out = Phases::default();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let sandbox = provider.create_sandbox("bench").await.unwrap();
+        out.create.push(t.elapsed());
+        let t = Instant::now();
+        sandbox.clone_repo(&spec).await.unwrap();
+        out.clone.push(t.elapsed());
+        let t = Instant::now();
+        let result = sandbox.exec(&ExecRequest::new("true")).await.unwrap();
+        assert!(result.success());
+        out.exec.push(t.elapsed());
+        let t = Instant::now();
+        let files = sandbox.read_files(&paths).await.unwrap();
+        assert_eq!(files.len(), paths.len());
+        out.read.push(t.elapsed());
+        let t = Instant::now();
+        sandbox.kill().await.unwrap();
+        out.kill.push(t.elapsed());
+    }
+    out
+}
+
+/// The same spawn the fake does for `exec("true")`: a login shell with a clean environment and
+/// an empty home.
+fn direct_bash() -> Vec<Duration> {
+    let home = tempfile::tempdir().unwrap();
+    (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            let status = std::process::Command::new("/bin/bash")
+                .args(["-l", "-c", "true"])
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("HOME", home.path())
+                .current_dir(home.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            t.elapsed()
+        })
+        .collect()
+}
+
+async fn whole_jobs(fake: &fake_e2b::FakeE2b, repo: &Path) -> (Vec<Duration>, Vec<usize>) {
+    let backends = Backends {
+        sandbox: Arc::new(E2bProvider::new(fake.config())),
+        agents: vec![Arc::new(DummyProvider)],
+        forges: Forges {
+            local: Arc::new(LocalForge),
+            remote: None,
+        },
+        commit_policy: CommitPolicy::default(),
+        agent_limits: AgentLimits::default(),
+        retry: RetryPolicy::default(),
+        redactor: Redactor::default(),
+        job_timeout: Duration::from_secs(600),
+        clone_timeout: Duration::from_secs(600),
+    };
+    let registry = JobRegistry::new(Arc::new(backends), Limits::default());
+    let mut times = Vec::new();
+    let mut requests = Vec::new();
+    for _ in 0..RUNS {
+        let before = fake.request_count();
+        let started = Instant::now();
+        let job = registry
+            .submit(JobRequest {
+                repo: RepoRef::Local {
+                    path: repo.to_path_buf(),
+                },
+                prompt: "Replace \"Hello \" with \"Hi, \" in app.py".into(),
+                base_branch: None,
+                draft: false,
+                branch: None,
+            })
+            .unwrap();
+        let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
+        let json = serde_json::to_value(&last.event).unwrap();
+        assert_eq!(json["status"], "succeeded", "{json}");
+        times.push(started.elapsed());
+        requests.push(fake.request_count() - before);
+        assert_eq!(fake.live_sandboxes(), 0);
+    }
+    (times, requests)
+}
+
+fn bare_git(repo: &Path) -> Vec<Duration> {
+    (0..RUNS)
+        .map(|_| {
+            let scratch = tempfile::tempdir().unwrap();
+            let started = Instant::now();
+            git(
+                scratch.path(),
+                &[
+                    "clone",
+                    "-q",
+                    "--depth",
+                    "1",
+                    &format!("file://{}", repo.display()),
+                    "c",
+                ],
+            );
+            let clone = scratch.path().join("c");
+            std::fs::write(
+                clone.join("app.py"),
+                "def greet(name):\n    return \"Hi, \" + name\n",
+            )
+            .unwrap();
+            git(&clone, &["diff"]);
+            started.elapsed()
+        })
+        .collect()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    make_repo(repo.path());
+    let repo = repo.path().canonicalize().unwrap();
+    let fake = runtime.block_on(fake_e2b::FakeE2b::start());
+    println!(
+        "e2b backend against the in-process fake; repository of {} files; {RUNS} runs each",
+        FILES + 1
+    );
+    let p = runtime.block_on(phases(&fake, &repo));
+    println!(
+        "create (POST /v2/sandboxes):             {}",
+        stats(p.create)
+    );
+    println!(
+        "clone (one process.Start):               {}",
+        stats(p.clone)
+    );
+    println!("exec `true` (one process.Start):         {}", stats(p.exec));
+    println!(
+        "  vs `bash -l -c true` spawned directly: {}",
+        stats(direct_bash())
+    );
+    println!("read_files, 20 files (one Start):        {}", stats(p.read));
+    println!("kill (DELETE):                           {}", stats(p.kill));
+    let (jobs, requests) = runtime.block_on(whole_jobs(&fake, &repo));
+    println!("whole dummy job on e2b:                  {}", stats(jobs));
+    println!(
+        "  requests per job (agent tools included): min {} max {}",
+        requests.iter().min().unwrap(),
+        requests.iter().max().unwrap()
+    );
+    println!(
+        "bare git clone + edit + diff:            {}",
+        stats(bare_git(&repo))
+    );
+}
