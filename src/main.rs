@@ -74,7 +74,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    // `run` prints its own progress; its logs are for problems only unless RUST_LOG says otherwise.
+    let default_level = match &cli.command {
+        Some(Command::Run { .. }) => "warn",
+        Some(Command::Serve) | None => "info",
+    };
+    init_logging(&config, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -162,9 +167,9 @@ impl Write for RedactingStderr {
     }
 }
 
-fn init_logging(config: &Config) {
+fn init_logging(config: &Config, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let redactor = config.redactor();
     let writer = move || RedactingStderr(redactor.clone());
     let builder = tracing_subscriber::fmt()

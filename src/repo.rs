@@ -106,6 +106,15 @@ impl RepoPolicy {
         if raw.starts_with('/') || raw.starts_with("./") || raw.starts_with("../") || raw == "." {
             return self.local(Path::new(raw));
         }
+        if !raw.contains("://") {
+            // A relative path (`my-repo`, `target/sample`) where local repositories are allowed.
+            if self.allow_local && Path::new(raw).exists() {
+                return self.local(Path::new(raw));
+            }
+            return Err(RepoUrlError::Invalid(
+                "repoUrl must be an https URL like https://github.com/OWNER/REPO".into(),
+            ));
+        }
         self.remote(raw)
     }
 
@@ -264,6 +273,7 @@ mod tests {
             ("/tmp", "local_repos_disabled"),
             ("file:///tmp", "local_repos_disabled"),
             ("", "invalid_repo_url"),
+            ("github.com/a/b", "invalid_repo_url"),
         ];
         for (raw, code) in cases {
             let err = policy().parse(raw).unwrap_err();

@@ -235,6 +235,9 @@ async fn recovers_from_transient_faults() {
         Fault::CutStream {
             pattern: "read-files".into(),
         },
+        Fault::Stall {
+            pattern: "read-files".into(),
+        },
         Fault::Hang {
             path: "/process.Process/Start".into(),
             pattern: Some("read-files".into()),
@@ -267,6 +270,13 @@ async fn fails_cleanly_when_it_cannot_recover() {
             Fault::Hang {
                 path: "/process.Process/Start".into(),
                 pattern: Some("__TB_".into()),
+            },
+            "sandbox_transport",
+            "commit",
+        ),
+        (
+            Fault::Stall {
+                pattern: "__TB_".into(),
             },
             "sandbox_transport",
             "commit",

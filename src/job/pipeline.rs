@@ -583,8 +583,7 @@ async fn publish(
                 StepState::Skipped,
                 t,
                 format!(
-                    "{} has no pull requests; branch {} holds the change",
-                    forge.name(),
+                    "No pull request for a local repository; branch {} holds the change",
                     pushed.branch
                 ),
             );

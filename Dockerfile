@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# Build stage: the release binary.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
+    && echo 'fn main() {}' > benches/pipeline.rs && echo 'fn main() {}' > benches/e2b.rs \
+    && cargo build --release --locked --bin tiny-backspace && rm -rf src benches
+COPY src ./src
+COPY benches ./benches
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin tiny-backspace
+
+# Runtime stage: slim Debian with git (clones, diffs) and CA certificates (GitHub, E2B, models).
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 tiny
+COPY --from=build /src/target/release/tiny-backspace /usr/local/bin/tiny-backspace
+USER tiny
+WORKDIR /home/tiny
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    LOG_FORMAT=json \
+    WORKSPACE_DIR=/home/tiny/workspaces
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/${PORT} || exit 1"]
+ENTRYPOINT ["tiny-backspace"]
+CMD ["serve"]
