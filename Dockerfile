@@ -25,6 +25,6 @@ ENV HOST=0.0.0.0 \
     LOG_FORMAT=json \
     WORKSPACE_DIR=/home/tiny/workspaces
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/${PORT} || exit 1"]
+HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${PORT}"]
 ENTRYPOINT ["tiny-backspace"]
 CMD ["serve"]

@@ -26,7 +26,12 @@ const RUNS: usize = 15;
 
 fn git(dir: &Path, args: &[&str]) {
     let status = std::process::Command::new("git")
-        .args(["-c", "user.name=Bench", "-c", "user.email=bench@example.com"])
+        .args([
+            "-c",
+            "user.name=Bench",
+            "-c",
+            "user.email=bench@example.com",
+        ])
         .args(args)
         .current_dir(dir)
         .stdout(std::process::Stdio::null())
@@ -42,10 +47,16 @@ fn make_repo(dir: &Path, n: usize) {
     for i in 0..n {
         let path = dir.join(format!("pkg{}/mod{}/file{i}.py", i % 10, i % 7));
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let body: String = (0..40).map(|l| format!("def f{i}_{l}(x):\n    return x + {l}\n")).collect();
+        let body: String = (0..40)
+            .map(|l| format!("def f{i}_{l}(x):\n    return x + {l}\n"))
+            .collect();
         std::fs::write(path, body).unwrap();
     }
-    std::fs::write(dir.join("app.py"), "def greet(name):\n    return \"Hello \" + name\n").unwrap();
+    std::fs::write(
+        dir.join("app.py"),
+        "def greet(name):\n    return \"Hello \" + name\n",
+    )
+    .unwrap();
     git(dir, &["add", "-A"]);
     git(dir, &["commit", "-q", "-m", "initial"]);
 }
@@ -70,7 +81,10 @@ async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
     let backends = Backends {
         sandbox: Arc::new(LocalProvider::new(config).await.unwrap()),
         agents: vec![Arc::new(DummyProvider)],
-        forges: Forges { local: Arc::new(LocalForge), remote: None },
+        forges: Forges {
+            local: Arc::new(LocalForge),
+            remote: None,
+        },
         commit_policy: CommitPolicy::default(),
         agent_limits: AgentLimits::default(),
         retry: RetryPolicy::default(),
@@ -78,7 +92,13 @@ async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
         job_timeout: Duration::from_secs(600),
         clone_timeout: Duration::from_secs(600),
     };
-    JobRegistry::new(Arc::new(backends), Limits { max_concurrent: 2, ..Limits::default() })
+    JobRegistry::new(
+        Arc::new(backends),
+        Limits {
+            max_concurrent: 2,
+            ..Limits::default()
+        },
+    )
 }
 
 async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
@@ -86,7 +106,10 @@ async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
     let registry = registry(workspaces).await;
     let state = Arc::new(AppState {
         registry: registry.clone(),
-        repo_policy: RepoPolicy { allow_local: true, ..RepoPolicy::default() },
+        repo_policy: RepoPolicy {
+            allow_local: true,
+            ..RepoPolicy::default()
+        },
         api_keys: vec![],
         cors_origins: vec![],
     });
@@ -130,7 +153,9 @@ async fn whole_jobs(repo: &Path, workspaces: &Path) -> Vec<Duration> {
         let started = Instant::now();
         let job = registry
             .submit(JobRequest {
-                repo: RepoRef::Local { path: repo.to_path_buf() },
+                repo: RepoRef::Local {
+                    path: repo.to_path_buf(),
+                },
                 prompt: "Replace \"Hello \" with \"Hi, \" in app.py".into(),
                 base_branch: None,
                 draft: false,
@@ -150,9 +175,23 @@ fn bare_git(repo: &Path) -> Vec<Duration> {
     for _ in 0..RUNS {
         let scratch = tempfile::tempdir().unwrap();
         let started = Instant::now();
-        git(scratch.path(), &["clone", "-q", "--depth", "1", &format!("file://{}", repo.display()), "c"]);
+        git(
+            scratch.path(),
+            &[
+                "clone",
+                "-q",
+                "--depth",
+                "1",
+                &format!("file://{}", repo.display()),
+                "c",
+            ],
+        );
         let clone = scratch.path().join("c");
-        std::fs::write(clone.join("app.py"), "def greet(name):\n    return \"Hi, \" + name\n").unwrap();
+        std::fs::write(
+            clone.join("app.py"),
+            "def greet(name):\n    return \"Hi, \" + name\n",
+        )
+        .unwrap();
         git(&clone, &["diff"]);
         samples.push(started.elapsed());
     }
@@ -167,8 +206,17 @@ fn main() {
     let workspaces = tempfile::tempdir().unwrap();
     println!("repository: 1,001 files; {RUNS} runs each");
     let first = runtime.block_on(time_to_first_event(&repo_path, workspaces.path()));
-    println!("time to first event (POST /code → `Job Started` on the socket): {}", stats(first));
+    println!(
+        "time to first event (POST /code → `Job Started` on the socket): {}",
+        stats(first)
+    );
     let jobs = runtime.block_on(whole_jobs(&repo_path, workspaces.path()));
-    println!("whole dummy job (queue → clone → agent → diff → branch → cleanup): {}", stats(jobs));
-    println!("bare `git clone --depth 1` + edit + `git diff`:                   {}", stats(bare_git(&repo_path)));
+    println!(
+        "whole dummy job (queue → clone → agent → diff → branch → cleanup): {}",
+        stats(jobs)
+    );
+    println!(
+        "bare `git clone --depth 1` + edit + `git diff`:                   {}",
+        stats(bare_git(&repo_path))
+    );
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::agent::Provider;
 use crate::agent::anthropic::{AnthropicConfig, AnthropicProvider};
-use crate::agent::openai::{OpenAiConfig, OpenAiProvider};
 use crate::agent::dummy::DummyProvider;
+use crate::agent::openai::{OpenAiConfig, OpenAiProvider};
 use crate::agent::retry::RetryPolicy;
 use crate::agent::runner::AgentLimits;
 use crate::forge::github::{GithubConfig, GithubForge};
@@ -280,7 +280,8 @@ fn build_provider(
         "anthropic" => AnthropicConfig::from_lookup(lookup)
             .map(|config| {
                 let config = config.map_err(|e| format!("Anthropic: {e}"))?;
-                let provider = AnthropicProvider::new(config).map_err(|e| format!("Anthropic: {e}"))?;
+                let provider =
+                    AnthropicProvider::new(config).map_err(|e| format!("Anthropic: {e}"))?;
                 Ok(Arc::new(provider) as Arc<dyn Provider>)
             })
             .transpose(),

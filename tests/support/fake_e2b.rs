@@ -186,6 +186,10 @@ impl FakeE2b {
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(Inner::default());
         let app = Router::new().fallback(handle).with_state(inner.clone());
+        // No Nagle: small frames (start, keepalive, end) go out at once, as from a real server.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -111,10 +111,14 @@ pub fn parse_read_output(
         .collect()
 }
 
-/// `/files?path=<abs_path>`, the path percent-encoded.
-fn files_path(abs_path: &str) -> String {
+/// `/files?path=<abs_path>`, the path percent-encoded (plus the user for envd < 0.4.0).
+fn files_path(endpoint: &Endpoint, abs_path: &str) -> String {
     let encoded: String = url::form_urlencoded::byte_serialize(abs_path.as_bytes()).collect();
-    format!("/files?path={encoded}")
+    if endpoint.legacy_user {
+        format!("/files?path={encoded}&username=user")
+    } else {
+        format!("/files?path={encoded}")
+    }
 }
 
 /// `POST /files?path=…` as multipart (every envd version accepts it), with the full path as
@@ -138,7 +142,7 @@ pub async fn upload(endpoint: &Endpoint, abs_path: &str, bytes: &[u8]) -> Result
     body.extend_from_slice(bytes);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     let response = endpoint
-        .envd_post(&files_path(abs_path))
+        .envd_post(&files_path(endpoint, abs_path))
         .header(
             "Content-Type",
             format!("multipart/form-data; boundary={boundary}"),
@@ -166,7 +170,7 @@ pub async fn download(
     abs_path: &str,
 ) -> Result<Option<Vec<u8>>, SandboxError> {
     let response = endpoint
-        .envd_get(&files_path(abs_path))
+        .envd_get(&files_path(endpoint, abs_path))
         .timeout(endpoint.timing.request_timeout)
         .send()
         .await

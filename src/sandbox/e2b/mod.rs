@@ -170,6 +170,19 @@ impl E2bConfig {
     }
 }
 
+/// Whether a `major.minor.patch` version is below `floor`; an unreadable one is taken as current.
+fn version_below(version: &str, floor: (u64, u64, u64)) -> bool {
+    let mut parts = version
+        .trim()
+        .trim_start_matches('v')
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u64>().ok());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) => (major, minor, patch) < floor,
+        _ => false,
+    }
+}
+
 /// Checks an `http(s)` base URL and drops its trailing slash.
 fn base_url(name: &str, raw: &str) -> Result<String, String> {
     let url = url::Url::parse(raw).map_err(|e| format!("{name} `{raw}` is not a URL: {e}"))?;
@@ -189,6 +202,8 @@ pub struct Endpoint {
     base: String,
     sandbox_id: String,
     access_token: Option<Secret>,
+    /// envd before 0.4.0 has no default user: every request names `user`, as the SDK does.
+    legacy_user: bool,
     pub timing: Timing,
 }
 
@@ -203,6 +218,10 @@ impl Endpoint {
             .header("E2b-Sandbox-Port", ENVD_PORT.to_string());
         if let Some(token) = &self.access_token {
             request = request.header("X-Access-Token", token.expose());
+        }
+        if self.legacy_user {
+            // HTTP Basic with user `user` and an empty password.
+            request = request.header("Authorization", "Basic dXNlcjo=");
         }
         request
     }
@@ -307,6 +326,7 @@ impl E2bProvider {
             base: self.config.envd_url(&id, created.domain.as_deref()),
             sandbox_id: id.clone(),
             access_token: created.access_token,
+            legacy_user: version_below(&created.envd_version, (0, 4, 0)),
             timing: self.config.timing.clone(),
         };
         let sandbox = Arc::new(E2bSandbox {
@@ -779,6 +799,14 @@ mod tests {
             "http://127.0.0.1:9"
         );
         assert_eq!(config.domain, "e2b.app");
+    }
+
+    #[test]
+    fn old_envd_versions_are_recognised() {
+        assert!(version_below("0.3.9", (0, 4, 0)));
+        assert!(!version_below("0.4.0", (0, 4, 0)));
+        assert!(!version_below("0.6.13", (0, 4, 0)));
+        assert!(!version_below("", (0, 4, 0)));
     }
 
     #[test]
