@@ -10,6 +10,9 @@
 #[path = "../tests/support/fake_e2b.rs"]
 mod fake_e2b;
 
+mod common;
+
+use common::{bare_git, make_repo, stats};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,56 +33,6 @@ use tiny_backspace::sandbox::{CloneSpec, ExecRequest, RepoPath, Sandbox};
 
 const RUNS: usize = 15;
 const FILES: usize = 200;
-
-fn git(dir: &Path, args: &[&str]) {
-    let status = std::process::Command::new("git")
-        .args([
-            "-c",
-            "user.name=Bench",
-            "-c",
-            "user.email=bench@example.com",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
-}
-
-fn make_repo(dir: &Path) {
-    git(dir, &["init", "-q", "-b", "main"]);
-    for i in 0..FILES {
-        let path = dir.join(format!("pkg{}/file{i}.py", i % 10));
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let body: String = (0..40)
-            .map(|l| format!("def f{i}_{l}(x):\n    return x + {l}\n"))
-            .collect();
-        std::fs::write(path, body).unwrap();
-    }
-    std::fs::write(
-        dir.join("app.py"),
-        "def greet(name):\n    return \"Hello \" + name\n",
-    )
-    .unwrap();
-    git(dir, &["add", "-A"]);
-    git(dir, &["commit", "-q", "-m", "initial"]);
-}
-
-fn stats(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let median = samples[samples.len() / 2];
-    let p90 = samples[(samples.len() * 9 / 10).min(samples.len() - 1)];
-    format!(
-        "median {:8.2} ms   p90 {:8.2} ms   min {:8.2} ms   (n={})",
-        ms(median),
-        ms(p90),
-        ms(samples[0]),
-        samples.len()
-    )
-}
 
 #[derive(Default)]
 struct Phases {
@@ -186,41 +139,13 @@ async fn whole_jobs(fake: &fake_e2b::FakeE2b, repo: &Path) -> (Vec<Duration>, Ve
     (times, requests)
 }
 
-fn bare_git(repo: &Path) -> Vec<Duration> {
-    (0..RUNS)
-        .map(|_| {
-            let scratch = tempfile::tempdir().unwrap();
-            let started = Instant::now();
-            git(
-                scratch.path(),
-                &[
-                    "clone",
-                    "-q",
-                    "--depth",
-                    "1",
-                    &format!("file://{}", repo.display()),
-                    "c",
-                ],
-            );
-            let clone = scratch.path().join("c");
-            std::fs::write(
-                clone.join("app.py"),
-                "def greet(name):\n    return \"Hi, \" + name\n",
-            )
-            .unwrap();
-            git(&clone, &["diff"]);
-            started.elapsed()
-        })
-        .collect()
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let repo = tempfile::tempdir().unwrap();
-    make_repo(repo.path());
+    make_repo(repo.path(), FILES);
     let repo = repo.path().canonicalize().unwrap();
     let fake = runtime.block_on(fake_e2b::FakeE2b::start());
     println!(
@@ -252,6 +177,6 @@ fn main() {
     );
     println!(
         "bare git clone + edit + diff:            {}",
-        stats(bare_git(&repo))
+        stats(bare_git(&repo, RUNS))
     );
 }

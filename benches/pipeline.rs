@@ -4,6 +4,9 @@
 //!   `git clone --depth 1` + `git diff` time on the same repository.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{bare_git, make_repo, stats};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,57 +27,7 @@ use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
 
 const RUNS: usize = 15;
 
-fn git(dir: &Path, args: &[&str]) {
-    let status = std::process::Command::new("git")
-        .args([
-            "-c",
-            "user.name=Bench",
-            "-c",
-            "user.email=bench@example.com",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
-}
-
 /// A repository of `n` source files in nested directories (~40 lines each).
-fn make_repo(dir: &Path, n: usize) {
-    git(dir, &["init", "-q", "-b", "main"]);
-    for i in 0..n {
-        let path = dir.join(format!("pkg{}/mod{}/file{i}.py", i % 10, i % 7));
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let body: String = (0..40)
-            .map(|l| format!("def f{i}_{l}(x):\n    return x + {l}\n"))
-            .collect();
-        std::fs::write(path, body).unwrap();
-    }
-    std::fs::write(
-        dir.join("app.py"),
-        "def greet(name):\n    return \"Hello \" + name\n",
-    )
-    .unwrap();
-    git(dir, &["add", "-A"]);
-    git(dir, &["commit", "-q", "-m", "initial"]);
-}
-
-fn stats(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let median = samples[samples.len() / 2];
-    let p90 = samples[(samples.len() * 9 / 10).min(samples.len() - 1)];
-    format!(
-        "median {:8.2} ms   p90 {:8.2} ms   min {:8.2} ms   (n={})",
-        ms(median),
-        ms(p90),
-        ms(samples[0]),
-        samples.len()
-    )
-}
-
 async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
     let mut config = LocalConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
     config.root = workspaces.to_path_buf();
@@ -170,34 +123,6 @@ async fn whole_jobs(repo: &Path, workspaces: &Path) -> Vec<Duration> {
     samples
 }
 
-fn bare_git(repo: &Path) -> Vec<Duration> {
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
-        let scratch = tempfile::tempdir().unwrap();
-        let started = Instant::now();
-        git(
-            scratch.path(),
-            &[
-                "clone",
-                "-q",
-                "--depth",
-                "1",
-                &format!("file://{}", repo.display()),
-                "c",
-            ],
-        );
-        let clone = scratch.path().join("c");
-        std::fs::write(
-            clone.join("app.py"),
-            "def greet(name):\n    return \"Hi, \" + name\n",
-        )
-        .unwrap();
-        git(&clone, &["diff"]);
-        samples.push(started.elapsed());
-    }
-    samples
-}
-
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let repo = tempfile::tempdir().unwrap();
@@ -217,6 +142,6 @@ fn main() {
     );
     println!(
         "bare `git clone --depth 1` + edit + `git diff`:                   {}",
-        stats(bare_git(&repo_path))
+        stats(bare_git(&repo_path, RUNS))
     );
 }

@@ -122,9 +122,9 @@ impl EventLog {
                         return;
                     }
                 }
-                if log.is_closed() {
-                    return;
-                }
+                // No "is the log closed?" shortcut here: `Done` may have been appended after the
+                // read above, and only the next read can yield it. The watch was marked seen before
+                // that read, so `changed` resolves at once in that case.
                 if len_rx.changed().await.is_err() {
                     return;
                 }
@@ -196,5 +196,29 @@ mod tests {
         log.append(done());
         let seqs = follower.await.unwrap();
         assert_eq!(seqs, (2..=53).collect::<Vec<u64>>());
+    }
+
+    /// Regression: a follower reading while `Done` is appended must still yield `Done` last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follow_never_ends_without_done_when_it_races_the_append() {
+        for _ in 0..500 {
+            let log = EventLog::new();
+            log.append(status("a"));
+            let follower = tokio::spawn({
+                let log = log.clone();
+                async move { log.follow(0).collect::<Vec<_>>().await }
+            });
+            let appender = std::thread::spawn({
+                let log = log.clone();
+                move || {
+                    log.append(status("b"));
+                    log.append(done());
+                }
+            });
+            appender.join().unwrap();
+            let events = follower.await.unwrap();
+            assert!(events.last().unwrap().event.kind.is_done());
+            assert_eq!(events.len(), 3);
+        }
     }
 }
