@@ -181,6 +181,9 @@ fn init_logging(config: &Config, default_level: &str) {
     }
 }
 
+/// How long shutdown waits for cancelled jobs to clean up their sandboxes.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
 fn launcher() -> anyhow::Result<PathBuf> {
     std::env::current_exe()
         .context("cannot find this program's path (needed to launch sandboxed commands)")
@@ -210,12 +213,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         auth = !config.api_keys.is_empty(),
         "tiny-backspace listening"
     );
+    // Open event streams last until their job's `Done`, and graceful shutdown waits for them; so
+    // on a signal the jobs are cancelled first, which ends every stream with `Done{cancelled}`.
+    let on_signal = {
+        let registry = registry.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: cancelling running jobs and destroying their sandboxes");
+            tokio::spawn(async move { registry.shutdown(SHUTDOWN_GRACE).await });
+        }
+    };
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(on_signal)
         .await
         .context("server error")?;
-    tracing::info!("shutting down: cancelling running jobs and destroying their sandboxes");
-    registry.shutdown(Duration::from_secs(60)).await;
+    registry.shutdown(SHUTDOWN_GRACE).await;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -34,3 +34,34 @@ pub fn stream(
     Sse::new(log.follow(after).map(to_sse))
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::event::{EventKind, Step, StepState};
+    use axum::response::IntoResponse;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_streams_send_keep_alive_comments_every_15_s() {
+        let log = EventLog::new();
+        log.append(EventKind::Status {
+            step: Step::Queue,
+            state: StepState::Started,
+            message: "Queued".into(),
+            elapsed_ms: None,
+        });
+        let mut body = stream(&log, 0)
+            .into_response()
+            .into_body()
+            .into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(first.to_vec()).unwrap(),
+            sse_frame(&log.replay_after(0)[0])
+        );
+        let started = tokio::time::Instant::now();
+        let second = body.next().await.unwrap().unwrap();
+        assert_eq!(&second[..], b": keep-alive\n\n");
+        assert_eq!(started.elapsed(), KEEP_ALIVE);
+    }
+}
