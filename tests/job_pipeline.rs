@@ -630,3 +630,30 @@ async fn tool_errors_go_back_to_the_model_and_budgets_publish_partial_work() {
     );
     assert!(subject.starts_with("[partial] "), "{subject}");
 }
+
+#[tokio::test]
+async fn finished_jobs_are_kept_for_a_bounded_number() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        limits: tiny_backspace::job::Limits {
+            max_retained: 2,
+            ..tiny_backspace::job::Limits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let job = h.submit(
+            repo.path(),
+            &format!("create a file n{i}.txt with the text \"{i}\""),
+        );
+        events_of(&job).await;
+        ids.push(job.id().to_owned());
+        // Distinct creation times order the eviction.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Pruning happens on access: the oldest finished jobs beyond the limit are gone.
+    let kept: Vec<bool> = ids.iter().map(|id| h.registry.get(id).is_some()).collect();
+    assert_eq!(kept, vec![false, false, true, true]);
+}

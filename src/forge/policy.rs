@@ -50,3 +50,65 @@ impl CommitPolicy {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forge::ChangedFile;
+    use crate::job::event::FileStatus;
+    use crate::sandbox::RepoPath;
+
+    fn change(path: &str, bytes: usize) -> ChangeSet {
+        ChangeSet {
+            base_commit: "0".repeat(40),
+            files: vec![ChangedFile {
+                path: RepoPath::parse(path).unwrap(),
+                status: FileStatus::Added,
+                additions: 1,
+                deletions: 0,
+                content: FileContent::File {
+                    bytes: vec![b'x'; bytes],
+                    executable: false,
+                },
+            }],
+            patch: String::new(),
+            patch_truncated: false,
+        }
+    }
+
+    #[test]
+    fn workflow_changes_need_the_setting() {
+        let refused = CommitPolicy::default()
+            .check(&change(".github/workflows/ci.yml", 10))
+            .unwrap_err();
+        assert_eq!(refused.code, "workflow_change_refused");
+        assert!(refused.message.contains("ALLOW_WORKFLOW_CHANGES=true"));
+        let allowed = CommitPolicy {
+            allow_workflow_changes: true,
+        };
+        assert!(
+            allowed
+                .check(&change(".github/workflows/ci.yml", 10))
+                .is_ok()
+        );
+        assert!(
+            CommitPolicy::default()
+                .check(&change(".github/CODEOWNERS", 10))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn files_above_the_blob_limit_are_refused_by_name() {
+        let err = CommitPolicy::default()
+            .check(&change("big.bin", MAX_BLOB_BYTES + 1))
+            .unwrap_err();
+        assert_eq!(err.code, "file_too_large");
+        assert!(err.message.contains("big.bin"));
+        assert!(
+            CommitPolicy::default()
+                .check(&change("ok.bin", 1024))
+                .is_ok()
+        );
+    }
+}
