@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::event::{DoneStatus, ErrorInfo, EventKind, Step, StepState};
 use super::pipeline::{self, Backends};
@@ -214,12 +215,12 @@ impl JobRegistry {
             let backends = self.backends.clone();
             let slots = self.slots.clone();
             async move {
-                let work = tokio::spawn(pipeline::run(
-                    job.clone(),
-                    backends,
-                    job.cancel.clone(),
-                    slots,
-                ));
+                // Every log line of the job (providers, sandbox, forge) carries its id.
+                let span = tracing::info_span!("job", job_id = %job.id);
+                let work = tokio::spawn(
+                    pipeline::run(job.clone(), backends, job.cancel.clone(), slots)
+                        .instrument(span),
+                );
                 if let Err(err) = work.await {
                     // The pipeline task panicked (or was aborted): its sandbox guard has been
                     // dropped, which kills the sandbox; still owe the client a Done.
@@ -249,7 +250,25 @@ impl JobRegistry {
                         });
                     }
                 }
-                tracing::info!(job_id = %job.id, "job finished");
+                match job.log().last().map(|last| last.event.kind) {
+                    Some(EventKind::Done {
+                        status,
+                        duration_ms,
+                        files_changed,
+                        error,
+                        ..
+                    }) => {
+                        tracing::info!(
+                            job_id = %job.id,
+                            status = ?status,
+                            duration_ms,
+                            files_changed,
+                            error = error.map(|e| e.code).unwrap_or_default(),
+                            "job finished"
+                        );
+                    }
+                    _ => tracing::error!(job_id = %job.id, "job ended without Done"),
+                }
             }
         };
         self.tasks.spawn(supervisor);
