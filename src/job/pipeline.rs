@@ -304,13 +304,17 @@ async fn work(
     let request = job.request();
     let forge = b.forges.for_repo(&request.repo);
 
+    // The forge learns the base branch and commit while the sandbox boots: two independent
+    // round trips, taken at the same time. Its result is reported in the clone step.
+    let prepared = forge.prepare(&request.repo, request.base_branch.as_deref());
+
     // Sandbox: created in its own task so that a cancellation mid-creation still hands the
     // sandbox to cleanup instead of leaking it.
     let t = steps.start(
         Step::Sandbox,
         format!("Creating a {} sandbox", b.sandbox.name()),
     );
-    let sandbox = {
+    let (sandbox, prepared) = {
         let provider = b.sandbox.clone();
         let slot = slot.clone();
         let job_id = job.id().to_owned();
@@ -322,9 +326,14 @@ async fn work(
             if let Ok(sandbox) = &result {
                 slot.put(SandboxGuard::new(sandbox.clone()));
             }
-            result
+            (result, Instant::now())
         });
-        match created.await {
+        let (created, prepared) = tokio::join!(created, prepared);
+        let (created, ready_at) = match created {
+            Ok((result, at)) => (Ok(result), at),
+            Err(join) => (Err(join), Instant::now()),
+        };
+        let sandbox = match created {
             Ok(Ok(sandbox)) => sandbox,
             Ok(Err(err)) => {
                 steps.end(Step::Sandbox, StepState::Failed, t, err.to_string());
@@ -343,21 +352,20 @@ async fn work(
                     format!("sandbox creation crashed: {join}"),
                 ));
             }
-        }
+        };
+        // The step took until the sandbox was ready, not until `prepare` answered too.
+        events.emit(EventKind::Status {
+            step: Step::Sandbox,
+            state: StepState::Succeeded,
+            message: format!("{} sandbox ready", b.sandbox.name()),
+            elapsed_ms: Some(ready_at.duration_since(t).as_millis() as u64),
+        });
+        (sandbox, prepared)
     };
-    steps.end(
-        Step::Sandbox,
-        StepState::Succeeded,
-        t,
-        format!("{} sandbox ready", b.sandbox.name()),
-    );
 
     // Clone.
     let t = steps.start(Step::Clone, format!("Cloning {}", request.repo.canonical()));
-    let info = match forge
-        .prepare(&request.repo, request.base_branch.as_deref())
-        .await
-    {
+    let info = match prepared {
         Ok(info) => info,
         Err(err) => {
             steps.end(Step::Clone, StepState::Failed, t, err.message.clone());
