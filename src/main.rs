@@ -303,6 +303,22 @@ async fn run(
             }
         }
     }
+    // With nothing pushed (a GitHub repository and no token), the patch is the result: show it.
+    if !json
+        && matches!(status, Some(DoneStatus::Succeeded))
+        && let Some(EventKind::Done {
+            branch: None,
+            pr_url: None,
+            ..
+        }) = job.log().last().map(|l| l.event.kind)
+        && let Some((patch, truncated)) = job.patch()
+    {
+        println!("\nNothing was pushed; the change as a patch (apply it with `git apply`):\n");
+        print!("{patch}");
+        if *truncated {
+            println!("[patch truncated]");
+        }
+    }
     registry.shutdown(Duration::from_secs(30)).await;
     Ok(match status {
         Some(DoneStatus::Succeeded) => ExitCode::SUCCESS,

@@ -657,3 +657,113 @@ async fn finished_jobs_are_kept_for_a_bounded_number() {
     let kept: Vec<bool> = ids.iter().map(|id| h.registry.get(id).is_some()).collect();
     assert_eq!(kept, vec![false, false, true, true]);
 }
+
+/// A remote repository with no token: nothing may be pushed.
+struct NoToken {
+    clone_from: std::path::PathBuf,
+}
+
+#[async_trait::async_trait]
+impl tiny_backspace::forge::Forge for NoToken {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    async fn prepare(
+        &self,
+        repo: &tiny_backspace::repo::RepoRef,
+        base_branch: Option<&str>,
+    ) -> Result<tiny_backspace::forge::RepoInfo, tiny_backspace::forge::ForgeError> {
+        Ok(tiny_backspace::forge::RepoInfo {
+            repo: repo.clone(),
+            clone_url: format!("file://{}", self.clone_from.display()),
+            base_branch: base_branch.map(str::to_owned),
+            base_commit: None,
+            publish: tiny_backspace::forge::PublishMode::Skip(
+                "no GitHub token is configured".into(),
+            ),
+        })
+    }
+    async fn push_branch(
+        &self,
+        _: &tiny_backspace::forge::RepoInfo,
+        _: &tiny_backspace::forge::ChangeSet,
+        _: &str,
+        _: &str,
+    ) -> Result<tiny_backspace::forge::PushedBranch, tiny_backspace::forge::ForgeError> {
+        panic!("nothing may be pushed without a token")
+    }
+    async fn open_pull_request(
+        &self,
+        _: &tiny_backspace::forge::RepoInfo,
+        _: &tiny_backspace::forge::PushedBranch,
+        _: &tiny_backspace::forge::PullRequestDraft,
+    ) -> Result<Option<tiny_backspace::forge::PullRequest>, tiny_backspace::forge::ForgeError> {
+        panic!("no pull request without a token")
+    }
+}
+
+#[tokio::test]
+async fn without_a_token_the_pr_is_skipped_and_the_patch_stays_available() {
+    let upstream = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        remote: Some(Arc::new(NoToken {
+            clone_from: upstream.path().to_path_buf(),
+        })),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h
+        .registry
+        .submit(tiny_backspace::job::JobRequest {
+            repo: tiny_backspace::repo::RepoRef::Remote {
+                host: "github.com".into(),
+                owner: "octo".into(),
+                name: "hello".into(),
+            },
+            prompt: "Replace \"Hello \" with \"Hi, \" in app.py".into(),
+            base_branch: None,
+            draft: false,
+            branch: None,
+        })
+        .unwrap();
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["branch"].as_str(),
+            done["pr_url"].as_str()
+        ),
+        (Some("succeeded"), None, None)
+    );
+    let skipped: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Status {
+                step,
+                state: tiny_backspace::job::event::StepState::Skipped,
+                message,
+                ..
+            } => Some((*step, message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert_eq!(
+        skipped[1],
+        (
+            tiny_backspace::job::event::Step::Pr,
+            "no GitHub token is configured".to_owned()
+        )
+    );
+    let (patch, _) = job.patch().unwrap();
+    assert!(
+        patch.contains("-    return \"Hello \" + name\n+    return \"Hi, \" + name"),
+        "{patch}"
+    );
+    assert_eq!(
+        git(upstream.path(), &["branch", "--list"]).lines().count(),
+        1,
+        "nothing was pushed"
+    );
+}
