@@ -12,22 +12,12 @@ mod fake_e2b;
 
 mod common;
 
-use common::{bare_git, make_repo, stats};
+use common::{bare_git, dummy_backends, make_repo, run_dummy_job, stats};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use tiny_backspace::agent::dummy::DummyProvider;
-use tiny_backspace::agent::retry::RetryPolicy;
-use tiny_backspace::agent::runner::AgentLimits;
-use tiny_backspace::forge::Forges;
-use tiny_backspace::forge::local::LocalForge;
-use tiny_backspace::forge::policy::CommitPolicy;
-use tiny_backspace::job::pipeline::Backends;
-use tiny_backspace::job::{JobRegistry, JobRequest, Limits};
-use tiny_backspace::redact::Redactor;
-use tiny_backspace::repo::RepoRef;
+use tiny_backspace::job::{JobRegistry, Limits};
 use tiny_backspace::sandbox::e2b::E2bProvider;
 use tiny_backspace::sandbox::{CloneSpec, ExecRequest, RepoPath, Sandbox};
 
@@ -98,41 +88,13 @@ fn direct_bash() -> Vec<Duration> {
 }
 
 async fn whole_jobs(fake: &fake_e2b::FakeE2b, repo: &Path) -> (Vec<Duration>, Vec<usize>) {
-    let backends = Backends {
-        sandbox: Arc::new(E2bProvider::new(fake.config())),
-        agents: vec![Arc::new(DummyProvider)],
-        forges: Forges {
-            local: Arc::new(LocalForge),
-            remote: None,
-        },
-        commit_policy: CommitPolicy::default(),
-        agent_limits: AgentLimits::default(),
-        retry: RetryPolicy::default(),
-        redactor: Redactor::default(),
-        job_timeout: Duration::from_secs(600),
-        clone_timeout: Duration::from_secs(600),
-    };
+    let backends = dummy_backends(Arc::new(E2bProvider::new(fake.config())));
     let registry = JobRegistry::new(Arc::new(backends), Limits::default());
     let mut times = Vec::new();
     let mut requests = Vec::new();
     for _ in 0..RUNS {
         let before = fake.request_count();
-        let started = Instant::now();
-        let job = registry
-            .submit(JobRequest {
-                repo: RepoRef::Local {
-                    path: repo.to_path_buf(),
-                },
-                prompt: "Replace \"Hello \" with \"Hi, \" in app.py".into(),
-                base_branch: None,
-                draft: false,
-                branch: None,
-            })
-            .unwrap();
-        let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
-        let json = serde_json::to_value(&last.event).unwrap();
-        assert_eq!(json["status"], "succeeded", "{json}");
-        times.push(started.elapsed());
+        times.push(run_dummy_job(&registry, repo).await);
         requests.push(fake.request_count() - before);
         assert_eq!(fake.live_sandboxes(), 0);
     }

@@ -6,23 +6,14 @@
 
 mod common;
 
-use common::{bare_git, make_repo, stats};
+use common::{PROMPT, bare_git, dummy_backends, make_repo, run_dummy_job, stats};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use tiny_backspace::agent::dummy::DummyProvider;
-use tiny_backspace::agent::retry::RetryPolicy;
-use tiny_backspace::agent::runner::AgentLimits;
-use tiny_backspace::forge::Forges;
-use tiny_backspace::forge::local::LocalForge;
-use tiny_backspace::forge::policy::CommitPolicy;
 use tiny_backspace::http::{AppState, router};
-use tiny_backspace::job::pipeline::Backends;
-use tiny_backspace::job::{JobRegistry, JobRequest, Limits};
-use tiny_backspace::redact::Redactor;
-use tiny_backspace::repo::{RepoPolicy, RepoRef};
+use tiny_backspace::job::{JobRegistry, Limits};
+use tiny_backspace::repo::RepoPolicy;
 use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
 
 const RUNS: usize = 15;
@@ -31,20 +22,7 @@ const RUNS: usize = 15;
 async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
     let mut config = LocalConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
     config.root = workspaces.to_path_buf();
-    let backends = Backends {
-        sandbox: Arc::new(LocalProvider::new(config).await.unwrap()),
-        agents: vec![Arc::new(DummyProvider)],
-        forges: Forges {
-            local: Arc::new(LocalForge),
-            remote: None,
-        },
-        commit_policy: CommitPolicy::default(),
-        agent_limits: AgentLimits::default(),
-        retry: RetryPolicy::default(),
-        redactor: Redactor::default(),
-        job_timeout: Duration::from_secs(600),
-        clone_timeout: Duration::from_secs(600),
-    };
+    let backends = dummy_backends(Arc::new(LocalProvider::new(config).await.unwrap()));
     JobRegistry::new(
         Arc::new(backends),
         Limits {
@@ -69,7 +47,8 @@ async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
-    let body = serde_json::json!({"repoUrl": repo.display().to_string(), "prompt": "Replace \"Hello \" with \"Hi, \" in app.py"}).to_string();
+    let body =
+        serde_json::json!({"repoUrl": repo.display().to_string(), "prompt": PROMPT}).to_string();
     let request = format!(
         "POST /code HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -103,22 +82,7 @@ async fn whole_jobs(repo: &Path, workspaces: &Path) -> Vec<Duration> {
     let registry = registry(workspaces).await;
     let mut samples = Vec::new();
     for _ in 0..RUNS {
-        let started = Instant::now();
-        let job = registry
-            .submit(JobRequest {
-                repo: RepoRef::Local {
-                    path: repo.to_path_buf(),
-                },
-                prompt: "Replace \"Hello \" with \"Hi, \" in app.py".into(),
-                base_branch: None,
-                draft: false,
-                branch: None,
-            })
-            .unwrap();
-        let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
-        let json = serde_json::to_value(&last.event).unwrap();
-        assert_eq!(json["status"], "succeeded", "{json}");
-        samples.push(started.elapsed());
+        samples.push(run_dummy_job(&registry, repo).await);
     }
     samples
 }

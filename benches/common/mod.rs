@@ -2,7 +2,62 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tiny_backspace::agent::dummy::DummyProvider;
+use tiny_backspace::agent::retry::RetryPolicy;
+use tiny_backspace::agent::runner::AgentLimits;
+use tiny_backspace::forge::Forges;
+use tiny_backspace::forge::local::LocalForge;
+use tiny_backspace::forge::policy::CommitPolicy;
+use tiny_backspace::job::pipeline::Backends;
+use tiny_backspace::job::{JobRegistry, JobRequest};
+use tiny_backspace::redact::Redactor;
+use tiny_backspace::repo::RepoRef;
+use tiny_backspace::sandbox::SandboxProvider;
+
+/// The request every benchmark job makes: one the dummy agent carries out.
+pub const PROMPT: &str = "Replace \"Hello \" with \"Hi, \" in app.py";
+
+/// The dummy agent and the local forge over `sandbox`.
+pub fn dummy_backends(sandbox: Arc<dyn SandboxProvider>) -> Backends {
+    Backends {
+        sandbox,
+        agents: vec![Arc::new(DummyProvider)],
+        forges: Forges {
+            local: Arc::new(LocalForge),
+            remote: None,
+        },
+        commit_policy: CommitPolicy::default(),
+        agent_limits: AgentLimits::default(),
+        retry: RetryPolicy::default(),
+        redactor: Redactor::default(),
+        job_timeout: Duration::from_secs(600),
+        clone_timeout: Duration::from_secs(600),
+    }
+}
+
+/// Runs one dummy job on `repo` to its `Done`, asserting it succeeded; returns its duration.
+pub async fn run_dummy_job(registry: &Arc<JobRegistry>, repo: &Path) -> Duration {
+    let started = Instant::now();
+    let job = registry
+        .submit(JobRequest {
+            repo: RepoRef::Local {
+                path: repo.to_path_buf(),
+            },
+            prompt: PROMPT.into(),
+            base_branch: None,
+            draft: false,
+            branch: None,
+        })
+        .unwrap();
+    let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
+    let json = serde_json::to_value(&last.event).unwrap();
+    assert_eq!(json["status"], "succeeded", "{json}");
+    started.elapsed()
+}
 
 pub fn git(dir: &Path, args: &[&str]) {
     let status = std::process::Command::new("git")
