@@ -50,20 +50,28 @@ impl Redactor {
         out
     }
 
-    /// Redacts every string inside a JSON value in place.
-    pub fn redact_json(&self, value: &mut serde_json::Value) {
+    /// Redacts every string inside a JSON value in place; says whether anything was replaced.
+    pub fn redact_json(&self, value: &mut serde_json::Value) -> bool {
         if self.secrets.is_empty() {
-            return;
+            return false;
         }
         match value {
             serde_json::Value::String(s) => {
-                if self.secrets.iter().any(|k| s.contains(k.as_str())) {
+                let leaked = self.secrets.iter().any(|k| s.contains(k.as_str()));
+                if leaked {
                     *s = self.redact(s);
                 }
+                leaked
             }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
-            serde_json::Value::Object(map) => map.values_mut().for_each(|v| self.redact_json(v)),
+            // `fold`, not `any`: every element must be redacted, not just the first leak.
+            serde_json::Value::Array(items) => items
+                .iter_mut()
+                .fold(false, |leaked, v| self.redact_json(v) | leaked),
+            serde_json::Value::Object(map) => map
+                .values_mut()
+                .fold(false, |leaked, v| self.redact_json(v) | leaked),
             serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {
+                false
             }
         }
     }
@@ -80,8 +88,13 @@ mod tests {
             r.redact("token ghp_canary_123456 and short"),
             "token [REDACTED] and short"
         );
-        let mut v = serde_json::json!({"a": ["x ghp_canary_123456 y"], "b": 1});
-        r.redact_json(&mut v);
-        assert_eq!(v, serde_json::json!({"a": ["x [REDACTED] y"], "b": 1}));
+        let mut v =
+            serde_json::json!({"a": ["x ghp_canary_123456 y", "ghp_canary_123456"], "b": 1});
+        assert!(r.redact_json(&mut v));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": ["x [REDACTED] y", "[REDACTED]"], "b": 1})
+        );
+        assert!(!r.redact_json(&mut v));
     }
 }

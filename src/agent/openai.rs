@@ -24,7 +24,7 @@ use super::provider::{
     FailureKind, Provider, ProviderError, StopReason, TextSink, TokenUsage, ToolSpec, Turn,
 };
 use super::sse;
-use super::transcript::{Part, Role, Transcript};
+use super::transcript::{Part, Role, Transcript, joined_text};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 pub const DEFAULT_MODEL: &str = "gpt-6.1-sol";
@@ -411,17 +411,6 @@ fn arguments_string(arguments: &Value, raw_arguments: &Option<String>) -> String
         _ if arguments.is_null() => "{}".to_owned(),
         _ => arguments.to_string(),
     }
-}
-
-fn joined_text(parts: &[Part]) -> String {
-    let texts: Vec<&str> = parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text { text } if !text.is_empty() => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    texts.join("\n\n")
 }
 
 fn chat_messages(transcript: &Transcript) -> Vec<Value> {

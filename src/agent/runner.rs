@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::chain::ProviderChain;
 use super::provider::{Provider, ProviderError, StopReason, TextSink, ToolSpec};
 use super::tools::{Finish, ToolExecutor};
-use super::transcript::{Message, Part, Role, Transcript};
+use super::transcript::{Message, Part, Role, Transcript, joined_text};
 use crate::job::event::Usage;
 use crate::job::{Emitter, EventKind};
 use crate::sandbox::SandboxError;
@@ -184,15 +184,7 @@ impl AgentRunner<'_> {
             add_usage(&mut usage, provider.as_ref(), turn.usage);
             total_tokens += turn.usage.input_tokens + turn.usage.output_tokens;
 
-            let text: String = turn
-                .content
-                .iter()
-                .filter_map(|p| match p {
-                    Part::Text { text } => Some(text.as_str()),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
+            let text = joined_text(&turn.content);
             if !text.trim().is_empty() {
                 last_text = text;
             }

@@ -51,6 +51,18 @@ pub enum Part {
     },
 }
 
+/// The text parts of a message, non-empty ones joined by a blank line.
+pub fn joined_text(parts: &[Part]) -> String {
+    let texts: Vec<&str> = parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text { text } if !text.is_empty() => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    texts.join("\n\n")
+}
+
 impl Transcript {
     pub fn new(system: impl Into<String>, user: impl Into<String>) -> Self {
         Self {

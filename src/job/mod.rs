@@ -53,12 +53,41 @@ impl Emitter {
         let Ok(mut value) = serde_json::to_value(&kind) else {
             return kind;
         };
-        let before = value.clone();
-        self.redactor.redact_json(&mut value);
-        if value == before {
+        if !self.redactor.redact_json(&mut value) {
             return kind;
         }
         tracing::error!(job_id = %self.job_id, "a configured secret reached an event and was redacted");
         serde_json::from_value(value).unwrap_or(kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_that_reaches_an_event_is_redacted_and_clean_events_pass_unchanged() {
+        let log = EventLog::new();
+        let emitter = Emitter::new(log.clone(), Redactor::new(["ghp_canary_0123456789"]), "job");
+        emitter.emit(EventKind::ToolBash {
+            command: "env".into(),
+            output: "GITHUB_TOKEN=ghp_canary_0123456789".into(),
+            exit_code: 0,
+        });
+        let clean = EventKind::AiMessage {
+            message: "nothing secret".into(),
+            provider: "dummy".into(),
+        };
+        emitter.emit(clean.clone());
+        let events = log.replay_after(0);
+        assert_eq!(
+            events[0].event.kind,
+            EventKind::ToolBash {
+                command: "env".into(),
+                output: "GITHUB_TOKEN=[REDACTED]".into(),
+                exit_code: 0,
+            }
+        );
+        assert_eq!(events[1].event.kind, clean);
     }
 }
