@@ -50,6 +50,8 @@ pub struct Config {
     pub allow_local_repos: Option<bool>,
     pub limits: Limits,
     pub job_timeout: Duration,
+    /// `MAX_CHANGE_MB`: the largest change (new file contents) a job may publish.
+    pub max_change_bytes: u64,
     pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
     pub allow_workflow_changes: bool,
@@ -161,11 +163,29 @@ impl Config {
                 .collect(),
             None => vec!["github.com".into()],
         };
+        let defaults = Limits::default();
         let limits = Limits {
             max_concurrent: number(&vars, "MAX_CONCURRENT_JOBS", 4usize)?.max(1),
             max_queued: number(&vars, "MAX_QUEUED_JOBS", 16usize)?,
-            ..Limits::default()
+            retention: Duration::from_secs(
+                number(
+                    &vars,
+                    "JOB_RETENTION_HOURS",
+                    defaults.retention.as_secs() / 3600,
+                )?
+                .saturating_mul(3600),
+            ),
+            max_retained: number(&vars, "JOB_RETENTION_MAX_JOBS", defaults.max_retained)?,
+            max_retained_bytes: number(
+                &vars,
+                "JOB_RETENTION_MAX_MB",
+                defaults.max_retained_bytes / (1024 * 1024),
+            )?
+            .saturating_mul(1024 * 1024),
         };
+        let max_change_bytes = number(&vars, "MAX_CHANGE_MB", 64u64)?
+            .max(1)
+            .saturating_mul(1024 * 1024);
         let job_timeout = Duration::from_secs(number(&vars, "JOB_TIMEOUT_SECS", 1800u64)?.max(1));
         Ok(Self {
             host: get("HOST").cloned().unwrap_or_else(|| "127.0.0.1".into()),
@@ -177,6 +197,7 @@ impl Config {
             allow_local_repos: boolean(&vars, "ALLOW_LOCAL_REPOS")?,
             limits,
             job_timeout,
+            max_change_bytes,
             cors_origins: list(get("CORS_ALLOWED_ORIGINS")),
             log_format,
             allow_workflow_changes: boolean(&vars, "ALLOW_WORKFLOW_CHANGES")?.unwrap_or(false),
@@ -262,6 +283,7 @@ impl Config {
             redactor: self.redactor(),
             job_timeout: self.job_timeout,
             clone_timeout: Duration::from_secs(600),
+            max_change_bytes: self.max_change_bytes,
         })
     }
 }

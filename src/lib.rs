@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod event;
 pub mod forge;
 pub mod http;
 pub mod job;

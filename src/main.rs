@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use tiny_backspace::config::{Config, LogFormat};
+use tiny_backspace::event::{DoneStatus, EventKind, StepState};
 use tiny_backspace::http::{AppState, router};
-use tiny_backspace::job::event::{DoneStatus, EventKind, StepState};
 use tiny_backspace::job::{JobRegistry, JobRequest};
 use tiny_backspace::redact::Redactor;
 use tiny_backspace::sandbox::confine::{self, ConfineSpec};
@@ -304,17 +304,15 @@ async fn run(
         }
     }
     // With nothing pushed (a GitHub repository and no token), the patch is the result: show it.
+    let summary = job.log().summary();
     if !json
         && matches!(status, Some(DoneStatus::Succeeded))
-        && let Some(EventKind::Done {
-            branch: None,
-            pr_url: None,
-            ..
-        }) = job.log().last().map(|l| l.event.kind)
+        && summary.branch.is_none()
+        && summary.pr_url.is_none()
         && let Some((patch, truncated)) = job.patch()
     {
         println!("\nNothing was pushed; the change as a patch (apply it with `git apply`):\n");
-        print!("{patch}");
+        print!("{}", String::from_utf8_lossy(patch));
         if *truncated {
             println!("[patch truncated]");
         }

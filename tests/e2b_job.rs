@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use pretty_assertions::assert_eq;
 use support::fake_e2b::{FakeE2b, Fault};
 use support::harness::{self, Harness, HarnessOptions};
-use tiny_backspace::job::event::{Event, EventKind};
+use tiny_backspace::event::{Event, EventKind};
 use tiny_backspace::sandbox::e2b::E2bProvider;
 use tiny_backspace::sandbox::{
     CloneSpec, Cloned, DirEntry, ExecOutput, ExecRequest, FileContent, RepoPath, Sandbox,

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use pretty_assertions::assert_eq;
 use support::fake_github::{FakeGithub, Fault, SeedFile};
+use tiny_backspace::event::FileStatus;
 use tiny_backspace::forge::github::{GithubConfig, GithubForge};
 use tiny_backspace::forge::local::LocalForge;
 use tiny_backspace::forge::{
     ChangeSet, ChangedFile, Forge, ForgeError, PublishMode, PullRequestDraft, RepoInfo,
 };
-use tiny_backspace::job::event::FileStatus;
 use tiny_backspace::repo::RepoRef;
 use tiny_backspace::sandbox::{FileContent, RepoPath};
 
@@ -580,9 +580,24 @@ async fn maps_github_errors_to_clear_forge_errors() {
 
     // 401
     let e = prepare_error(&fake, "tok-wrong-000000", "alice/widgets").await;
-    assert_eq!((e.code, e.retryable), ("github_unauthorized", false));
+    assert_eq!(
+        (e.code.as_str(), e.retryable),
+        ("github_unauthorized", false)
+    );
     assert!(
         e.message.contains("GITHUB_TOKEN") && e.message.contains("Bad credentials"),
+        "{}",
+        e.message
+    );
+
+    // A private repository the token can see: refused before any sandbox clones it.
+    let e = prepare_error(&fake, ALICE, "alice/secret").await;
+    assert_eq!(
+        (e.code.as_str(), e.retryable),
+        ("private_repository", false)
+    );
+    assert!(
+        e.message.contains("alice/secret is private"),
         "{}",
         e.message
     );
@@ -623,7 +638,10 @@ async fn maps_github_errors_to_clear_forge_errors() {
         .header("x-ratelimit-reset", &reset.to_string()),
     );
     let e = prepare_error(&fake, ALICE, "alice/widgets").await;
-    assert_eq!((e.code, e.retryable), ("github_rate_limited", true));
+    assert_eq!(
+        (e.code.as_str(), e.retryable),
+        ("github_rate_limited", true)
+    );
     assert!(
         e.message.contains("resets at") && e.message.contains("UTC"),
         "{}",
@@ -637,7 +655,10 @@ async fn maps_github_errors_to_clear_forge_errors() {
             .times(3),
     );
     let e = prepare_error(&fake, ALICE, "alice/widgets").await;
-    assert_eq!((e.code, e.retryable), ("github_rate_limited", true));
+    assert_eq!(
+        (e.code.as_str(), e.retryable),
+        ("github_rate_limited", true)
+    );
     assert!(
         e.message.contains("retry after 60 seconds"),
         "{}",
@@ -700,7 +721,7 @@ async fn maps_github_errors_to_clear_forge_errors() {
         .open_pull_request(&info, &pushed, &draft("t"))
         .await
         .unwrap_err();
-    assert_eq!((e.code, e.retryable), ("github_unavailable", true));
+    assert_eq!((e.code.as_str(), e.retryable), ("github_unavailable", true));
 
     // 422 for a workflow file without the `workflow` scope.
     fake.set_workflow_scope("alice", false);
@@ -729,7 +750,7 @@ async fn maps_github_errors_to_clear_forge_errors() {
         .await
         .unwrap_err();
     assert_eq!(
-        (e.code, e.retryable),
+        (e.code.as_str(), e.retryable),
         ("github_unreachable", true),
         "{}",
         e.message

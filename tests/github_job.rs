@@ -13,10 +13,10 @@ use pretty_assertions::assert_eq;
 use serde_json::json;
 use support::fake_github::{FakeGithub, SeedFile};
 use support::harness::{self, Harness, HarnessOptions, Scripted, Step, call};
+use tiny_backspace::event::{Event, EventKind};
 use tiny_backspace::forge::Forge;
 use tiny_backspace::forge::github::{GithubConfig, GithubForge};
 use tiny_backspace::job::JobRequest;
-use tiny_backspace::job::event::{Event, EventKind};
 use tiny_backspace::repo::RepoRef;
 
 const CANARY: &str = "ghp_JOBCANARY_5a4b3c2d1e0f99887766";

@@ -584,3 +584,44 @@ async fn a_disconnected_client_does_not_cancel_and_delete_does() {
         (StatusCode::BAD_REQUEST, "invalid_last_event_id".to_string())
     );
 }
+
+/// A browser's EventSource reconnects after the server ends the stream, sending the `Done`
+/// event's id: a finished job with nothing more to send answers 204 at once (which stops the
+/// reconnecting), instead of an endless keep-alive stream.
+#[tokio::test]
+async fn a_finished_job_with_nothing_after_the_resume_point_answers_204() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let api = api(HarnessOptions::default(), vec![], true).await;
+    let job = api.harness.submit(repo.path(), "append \"b\" to a.txt");
+    let id = job.id().to_owned();
+    support::harness::events_of(&job).await;
+    let last = job.log().len();
+    let events_request = |header: Option<u64>, query: Option<u64>| {
+        let uri = match query {
+            Some(n) => format!("/jobs/{id}/events?after={n}"),
+            None => format!("/jobs/{id}/events"),
+        };
+        let mut request = Request::get(uri);
+        if let Some(n) = header {
+            request = request.header("last-event-id", n.to_string());
+        }
+        request.body(Body::empty()).unwrap()
+    };
+    for (header, query) in [
+        (Some(last), None),
+        (None, Some(last)),
+        (None, Some(last + 10)),
+        (Some(last + 1), None),
+    ] {
+        let (status, headers, body) = send(&api.app, events_request(header, query)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{header:?} {query:?}");
+        assert_eq!(headers["x-job-id"], id.as_str());
+        assert!(body.is_empty());
+    }
+    // One event short of the end still replays that last event, then ends.
+    let (status, _, body) = send(&api.app, events_request(Some(last - 1), None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.starts_with(&format!("id: {last}\n")), "{body}");
+    assert!(body.contains(r#""type":"Done""#), "{body}");
+}

@@ -15,7 +15,7 @@ use support::harness::{
 };
 use tiny_backspace::agent::runner::AgentLimits;
 use tiny_backspace::agent::{Part, ProviderError};
-use tiny_backspace::job::event::EventKind;
+use tiny_backspace::event::EventKind;
 
 const APP: &str = "def greet(name):\n    return \"Hello \" + name\n";
 
@@ -227,7 +227,7 @@ async fn failing_job(
 ) -> (
     String,
     Vec<String>,
-    Vec<tiny_backspace::job::Event>,
+    Vec<tiny_backspace::event::Event>,
     Harness,
 ) {
     let repo = repo_with(&[("app.py", APP)]);
@@ -238,7 +238,7 @@ async fn failing_job(
     let errors = events
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::Error { code, .. } => Some(code.clone()),
+            EventKind::Error { code, .. } => Some(code.as_str().to_owned()),
             _ => None,
         })
         .collect();
@@ -492,7 +492,7 @@ async fn cancel_stops_the_job_and_cleans_up() {
         if matches!(
             item.event.kind,
             EventKind::Status {
-                step: tiny_backspace::job::event::Step::Agent,
+                step: tiny_backspace::event::Step::Agent,
                 ..
             }
         ) {
@@ -741,7 +741,7 @@ async fn without_a_token_the_pr_is_skipped_and_the_patch_stays_available() {
         .filter_map(|e| match &e.kind {
             EventKind::Status {
                 step,
-                state: tiny_backspace::job::event::StepState::Skipped,
+                state: tiny_backspace::event::StepState::Skipped,
                 message,
                 ..
             } => Some((*step, message.clone())),
@@ -752,11 +752,12 @@ async fn without_a_token_the_pr_is_skipped_and_the_patch_stays_available() {
     assert_eq!(
         skipped[1],
         (
-            tiny_backspace::job::event::Step::Pr,
+            tiny_backspace::event::Step::Pr,
             "no GitHub token is configured".to_owned()
         )
     );
     let (patch, _) = job.patch().unwrap();
+    let patch = String::from_utf8_lossy(patch);
     assert!(
         patch.contains("-    return \"Hello \" + name\n+    return \"Hi, \" + name"),
         "{patch}"
@@ -765,5 +766,212 @@ async fn without_a_token_the_pr_is_skipped_and_the_patch_stays_available() {
         git(upstream.path(), &["branch", "--list"]).lines().count(),
         1,
         "nothing was pushed"
+    );
+}
+
+/// A forge for a remote repository that clones from a local one, and whose writes never answer
+/// (or whose `prepare` refuses the repository at once).
+struct Unanswering {
+    clone_from: std::path::PathBuf,
+    refuse: Option<tiny_backspace::event::ErrorCode>,
+}
+
+#[async_trait::async_trait]
+impl tiny_backspace::forge::Forge for Unanswering {
+    fn name(&self) -> &'static str {
+        "github"
+    }
+    async fn prepare(
+        &self,
+        repo: &tiny_backspace::repo::RepoRef,
+        base_branch: Option<&str>,
+    ) -> Result<tiny_backspace::forge::RepoInfo, tiny_backspace::forge::ForgeError> {
+        if let Some(code) = self.refuse {
+            return Err(tiny_backspace::forge::ForgeError::new(
+                code,
+                "octo/hello is private",
+            ));
+        }
+        Ok(tiny_backspace::forge::RepoInfo {
+            repo: repo.clone(),
+            clone_url: format!("file://{}", self.clone_from.display()),
+            base_branch: base_branch.map(str::to_owned),
+            base_commit: None,
+            publish: tiny_backspace::forge::PublishMode::Push,
+        })
+    }
+    async fn push_branch(
+        &self,
+        _: &tiny_backspace::forge::RepoInfo,
+        _: &tiny_backspace::forge::ChangeSet,
+        _: &str,
+        _: &str,
+    ) -> Result<tiny_backspace::forge::PushedBranch, tiny_backspace::forge::ForgeError> {
+        std::future::pending().await
+    }
+    async fn open_pull_request(
+        &self,
+        _: &tiny_backspace::forge::RepoInfo,
+        _: &tiny_backspace::forge::PushedBranch,
+        _: &tiny_backspace::forge::PullRequestDraft,
+    ) -> Result<Option<tiny_backspace::forge::PullRequest>, tiny_backspace::forge::ForgeError> {
+        std::future::pending().await
+    }
+}
+
+fn remote_request(prompt: &str) -> tiny_backspace::job::JobRequest {
+    tiny_backspace::job::JobRequest {
+        repo: tiny_backspace::repo::RepoRef::Remote {
+            host: "github.com".into(),
+            owner: "octo".into(),
+            name: "hello".into(),
+        },
+        prompt: prompt.into(),
+        base_branch: None,
+        draft: false,
+        branch: None,
+    }
+}
+
+/// The job timeout is a backstop: when it cuts a hung publish short, the change already collected
+/// stays available, `Done` says how many files changed and the open step ends as failed.
+#[tokio::test]
+async fn the_hard_timeout_keeps_the_collected_change() {
+    let upstream = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        remote: Some(Arc::new(Unanswering {
+            clone_from: upstream.path().to_path_buf(),
+            refuse: None,
+        })),
+        job_timeout: Duration::from_secs(4),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h
+        .registry
+        .submit(remote_request("Replace \"Hello \" with \"Hi, \" in app.py"))
+        .unwrap();
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "timeout");
+    assert_eq!(done["files_changed"], 1);
+    let shape = shape(&events);
+    let commit: Vec<&String> = shape
+        .iter()
+        .filter(|s| s.starts_with("Status:commit"))
+        .collect();
+    assert_eq!(commit, ["Status:commit:started", "Status:commit:failed"]);
+    let (patch, _) = job.patch().expect("the patch is kept");
+    assert!(String::from_utf8_lossy(patch).contains("+    return \"Hi, \" + name"));
+    assert_eq!(h.live_workspaces(), 0);
+}
+
+/// A repository the forge refuses (private, missing, archived) stops the job before anything is
+/// cloned, without waiting for the sandbox to be ready; the sandbox is still cleaned up.
+#[tokio::test]
+async fn a_refused_repository_stops_the_job_before_the_clone() {
+    let upstream = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        remote: Some(Arc::new(Unanswering {
+            clone_from: upstream.path().to_path_buf(),
+            refuse: Some(tiny_backspace::event::ErrorCode::PrivateRepository),
+        })),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h.registry.submit(remote_request("anything")).unwrap();
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["error"]["code"], "private_repository", "{done}");
+    assert_eq!(
+        shape(&events)
+            .into_iter()
+            .filter(|s| s.starts_with("Status:") || s == "Error")
+            .collect::<Vec<_>>(),
+        [
+            "Status:queue:started",
+            "Status:queue:succeeded",
+            "Status:sandbox:started",
+            "Status:sandbox:skipped",
+            "Status:clone:started",
+            "Status:clone:failed",
+            "Error",
+            "Status:cleanup:started",
+            "Status:cleanup:succeeded",
+        ]
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::ToolBash { .. }))
+    );
+    assert_eq!(h.live_workspaces(), 0);
+}
+
+/// Finished jobs are bounded in bytes (events and patches) as well as in number.
+#[tokio::test]
+async fn finished_jobs_are_bounded_in_bytes() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let kept_after = |max_retained_bytes: usize| {
+        let repo = repo.path().to_path_buf();
+        async move {
+            let h = Harness::new(HarnessOptions {
+                limits: tiny_backspace::job::Limits {
+                    max_retained_bytes,
+                    ..tiny_backspace::job::Limits::default()
+                },
+                ..HarnessOptions::default()
+            })
+            .await;
+            let mut jobs = Vec::new();
+            for i in 0..3 {
+                let job = h.submit(
+                    &repo,
+                    &format!("create a file n{i}.txt with the text \"{i}\""),
+                );
+                events_of(&job).await;
+                jobs.push(job);
+            }
+            h.registry.prune();
+            let sizes: Vec<usize> = jobs.iter().map(|j| j.bytes()).collect();
+            let kept: Vec<bool> = jobs
+                .iter()
+                .map(|j| h.registry.get(j.id()).is_some())
+                .collect();
+            (sizes, kept)
+        }
+    };
+    let (sizes, kept) = kept_after(usize::MAX).await;
+    assert_eq!(kept, vec![true, true, true]);
+    assert!(sizes.iter().all(|s| *s > 1000), "{sizes:?}");
+    // Room for the two newest jobs only: the oldest goes.
+    let (_, kept) = kept_after(sizes[1] + sizes[2] + sizes[2] / 2).await;
+    assert_eq!(kept, vec![false, true, true]);
+}
+
+/// A change larger than `MAX_CHANGE_MB` is refused before its files are read into memory.
+#[tokio::test]
+async fn a_change_over_the_size_limit_is_refused_unread() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        max_change_bytes: 16,
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h.submit(
+        repo.path(),
+        "create a file big.txt with the text \"more than sixteen bytes of text\"",
+    );
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "change_too_large");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the change is too large"), "{message}");
+    assert!(shape(&events).contains(&"Status:commit:failed".to_owned()));
+    assert_eq!(
+        git(repo.path(), &["branch", "--list", "tiny-backspace/*"]),
+        ""
     );
 }

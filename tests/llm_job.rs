@@ -16,7 +16,7 @@ use support::harness::{Harness, HarnessOptions, done, events_of, git, repo_with,
 use tiny_backspace::agent::Provider;
 use tiny_backspace::agent::anthropic::{AnthropicConfig, AnthropicProvider};
 use tiny_backspace::agent::openai::{OpenAiApi, OpenAiConfig, OpenAiProvider};
-use tiny_backspace::job::event::{Event, EventKind};
+use tiny_backspace::event::{Event, EventKind};
 
 const APP: &str = "def greet(name):\n    return \"Hello \" + name\n";
 const EDITED: &str = "def greet(name):\n    return \"Hi, \" + name\n";
@@ -368,4 +368,179 @@ async fn the_api_key_never_reaches_the_sandbox() {
         &format!("Bearer {CANARY}"),
         &events,
     );
+}
+
+fn harness_options(agents: Vec<Arc<dyn Provider>>, secrets: &[&str]) -> HarnessOptions {
+    HarnessOptions {
+        agents,
+        secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        ..HarnessOptions::default()
+    }
+}
+
+/// A stream that breaks mid-text and is retried shows its text once: each attempt's text is held
+/// back until the attempt succeeds.
+#[tokio::test]
+async fn a_retried_stream_does_not_repeat_its_text() {
+    let fake = FakeAnthropic::start().await;
+    let first = ScriptedTurn::new(
+        vec![
+            Block::text("I will read app.py first, then edit it."),
+            Block::call("toolu_01", "read_file", json!({"path": "app.py"})),
+        ],
+        "tool_use",
+    );
+    // message_start, content_block_start and three text deltas, then the connection drops.
+    fake.push([Reply::cut(first.clone(), 5), Reply::turn(first)]);
+    fake.push([edit_turn("toolu_0"), finish_turn("toolu_0")]);
+    let repo = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        retry: tiny_backspace::agent::retry::RetryPolicy {
+            max_retries: 2,
+            initial_backoff: std::time::Duration::from_millis(10),
+            jitter: 0.0,
+            ..Default::default()
+        },
+        ..harness_options(vec![anthropic(&fake)], &[CANARY])
+    })
+    .await;
+    let events = events_of(&h.submit(repo.path(), PROMPT)).await;
+    assert_edited(&repo, &events);
+    assert_eq!(fake.requests().len(), 4);
+    assert_eq!(
+        ai_messages(&events),
+        [
+            (
+                "anthropic".to_owned(),
+                "I will read app.py first, then edit it.".to_owned()
+            ),
+            ("anthropic".to_owned(), "Replacing the greeting.".to_owned()),
+        ]
+    );
+}
+
+/// A configured secret that a tool reads out of the repository is scrubbed before the tool's
+/// result enters the transcript: the model never receives it.
+#[tokio::test]
+async fn tool_results_are_redacted_before_the_model_sees_them() {
+    const IN_REPO: &str = "ghp_canary_checked_in_0123456789abcdef";
+    let fake = FakeAnthropic::start().await;
+    fake.push([
+        Reply::tool_call("toolu_01", "read_file", json!({"path": "deploy.env"})),
+        Reply::tool_call(
+            "toolu_02",
+            "run_command",
+            json!({"command": "cat deploy.env; echo done"}),
+        ),
+    ]);
+    fake.push([edit_turn("toolu_0"), finish_turn("toolu_0")]);
+    let repo = repo_with(&[
+        ("app.py", APP),
+        ("deploy.env", &format!("TOKEN={IN_REPO}\n")),
+    ]);
+    let h = Harness::new(harness_options(vec![anthropic(&fake)], &[CANARY, IN_REPO])).await;
+    let events = events_of(&h.submit(repo.path(), PROMPT)).await;
+    assert_edited(&repo, &events);
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 4);
+    for request in &requests {
+        assert!(!request.raw_body.contains(IN_REPO), "{}", request.raw_body);
+    }
+    // Both the read and the command's output reached the model, scrubbed.
+    let results: Vec<String> = requests[2].body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .filter(|part| part["type"] == "tool_result")
+        .map(|part| part["content"].to_string())
+        .collect();
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(
+        results.iter().all(|r| r.contains("TOKEN=[REDACTED]")),
+        "{results:?}"
+    );
+}
+
+/// Usage is recorded per turn as it happens: a job whose agent fails after a paid turn still
+/// reports that turn's tokens in `Done` and `GET /jobs/{id}`.
+#[tokio::test]
+async fn usage_of_paid_turns_survives_an_agent_failure() {
+    let fake = FakeAnthropic::start().await;
+    fake.push([
+        Reply::turn(
+            ScriptedTurn::new(
+                vec![Block::call(
+                    "toolu_01",
+                    "read_file",
+                    json!({"path": "app.py"}),
+                )],
+                "tool_use",
+            )
+            .with_usage(1200, 85),
+        ),
+        Reply::unauthorized(),
+    ]);
+    let repo = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(harness_options(vec![anthropic(&fake)], &[CANARY])).await;
+    let job = h.submit(repo.path(), PROMPT);
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "agent_failed");
+    let expected = json!([{"provider": "anthropic", "model": "claude-sonnet-5-5",
+                           "input_tokens": 1200, "output_tokens": 85}]);
+    assert_eq!(done["usage"], expected);
+    let view = serde_json::to_value(tiny_backspace::job::state::JobView::of(&job)).unwrap();
+    assert_eq!(view["usage"], expected);
+}
+
+/// A job that runs out of time after the agent changed files keeps and publishes that work: the
+/// agent's budget is what the job has left minus a reserve for collecting and publishing, so the
+/// change becomes a `[partial]` draft with the paid turn's usage.
+#[tokio::test]
+async fn a_job_that_runs_out_of_time_publishes_its_partial_work() {
+    let fake = FakeAnthropic::start().await;
+    fake.push([
+        Reply::turn(
+            ScriptedTurn::new(
+                vec![Block::call(
+                    "toolu_01",
+                    "edit_file",
+                    json!({"path": "app.py", "old_str": "Hello ", "new_str": "Hi, "}),
+                )],
+                "tool_use",
+            )
+            .with_usage(500, 40),
+        ),
+        Reply::Stall,
+    ]);
+    let repo = repo_with(&[("app.py", APP)]);
+    let h = Harness::new(HarnessOptions {
+        job_timeout: std::time::Duration::from_secs(5),
+        ..harness_options(vec![anthropic(&fake)], &[CANARY])
+    })
+    .await;
+    let events = events_of(&h.submit(repo.path(), PROMPT)).await;
+    let done = done(&events);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["files_changed"], 1);
+    assert_eq!(
+        done["usage"],
+        json!([{"provider": "anthropic", "model": "claude-sonnet-5-5",
+                "input_tokens": 500, "output_tokens": 40}])
+    );
+    let branch = done["branch"].as_str().unwrap();
+    assert_eq!(
+        git(repo.path(), &["show", &format!("{branch}:app.py")]),
+        EDITED
+    );
+    let subject = git(repo.path(), &["log", "-1", "--format=%s", branch]);
+    assert!(subject.starts_with("[partial] "), "{subject}");
+    assert!(
+        shape(&events).contains(&"Diff".to_owned()),
+        "{:?}",
+        shape(&events)
+    );
+    assert_eq!(h.live_workspaces(), 0);
 }

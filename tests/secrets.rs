@@ -15,10 +15,10 @@ use support::fake_github::{FakeGithub, SeedFile};
 use support::harness::{Harness, HarnessOptions, done, events_of};
 use tiny_backspace::agent::Provider;
 use tiny_backspace::agent::anthropic::{AnthropicConfig, AnthropicProvider};
+use tiny_backspace::event::EventKind;
 use tiny_backspace::forge::Forge;
 use tiny_backspace::forge::github::{GithubConfig, GithubForge};
 use tiny_backspace::job::JobRequest;
-use tiny_backspace::job::event::EventKind;
 use tiny_backspace::repo::RepoRef;
 
 const GITHUB_CANARY: &str = "ghp_SECRETSCANARY_0a1b2c3d4e5f6789";

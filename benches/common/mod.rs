@@ -36,6 +36,7 @@ pub fn dummy_backends(sandbox: Arc<dyn SandboxProvider>) -> Backends {
         redactor: Redactor::default(),
         job_timeout: Duration::from_secs(600),
         clone_timeout: Duration::from_secs(600),
+        max_change_bytes: 64 * 1024 * 1024,
     }
 }
 

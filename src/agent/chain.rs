@@ -1,12 +1,16 @@
 //! Providers in fallback order. Each is retried on transient failures; when one gives up, the
 //! next continues the *same* transcript and an `Agent Fallback` event says so.
+//!
+//! Text a model streams is held per attempt and handed on only when the attempt succeeds: a
+//! stream that breaks and is retried would otherwise show its partial text twice.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use super::observer::Observer;
 use super::provider::{Provider, ProviderError, TextSink, ToolSpec, Turn};
 use super::retry::{RetryPolicy, with_retries};
 use super::transcript::Transcript;
-use crate::job::{Emitter, EventKind};
+use crate::event::EventKind;
 
 pub struct ProviderChain {
     providers: Vec<Arc<dyn Provider>>,
@@ -44,19 +48,23 @@ impl ProviderChain {
         transcript: &Transcript,
         tools: &[ToolSpec],
         text: &dyn TextSink,
-        events: &Emitter,
+        observer: &dyn Observer,
     ) -> Result<(Turn, Arc<dyn Provider>), ProviderError> {
         loop {
             let Some(provider) = self.providers.get(self.current).cloned() else {
                 return Err(ProviderError::fallback("no model provider is configured"));
             };
-            let result =
-                with_retries(&self.retry, || provider.complete(transcript, tools, text)).await;
+            let result = with_retries(&self.retry, || async {
+                let attempt = AttemptText::default();
+                let turn = provider.complete(transcript, tools, &attempt).await?;
+                attempt.commit(text);
+                Ok(turn)
+            })
+            .await;
             match result {
                 Ok(turn) => return Ok((turn, provider)),
                 Err(err) => {
                     tracing::warn!(
-                        job_id = events.job_id(),
                         provider = provider.name(),
                         status = ?err.status,
                         error = %err.message,
@@ -68,7 +76,7 @@ impl ProviderChain {
                             ..err
                         });
                     };
-                    events.emit(EventKind::AgentFallback {
+                    observer.event(EventKind::AgentFallback {
                         from: provider.name().to_owned(),
                         to: next.name().to_owned(),
                         reason: err.message.clone(),
@@ -76,6 +84,32 @@ impl ProviderChain {
                     self.current += 1;
                 }
             }
+        }
+    }
+}
+
+/// The text of one attempt, in the order it streamed.
+#[derive(Default)]
+struct AttemptText {
+    deltas: Mutex<Vec<(String, String)>>,
+}
+
+impl AttemptText {
+    /// Hands the attempt's text on, merging consecutive deltas of one provider.
+    fn commit(self, sink: &dyn TextSink) {
+        let deltas = self.deltas.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (provider, text) in deltas {
+            sink.text_delta(&provider, &text);
+        }
+    }
+}
+
+impl TextSink for AttemptText {
+    fn text_delta(&self, provider: &str, delta: &str) {
+        let mut deltas = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        match deltas.last_mut() {
+            Some((last, text)) if last == provider => text.push_str(delta),
+            _ => deltas.push((provider.to_owned(), delta.to_owned())),
         }
     }
 }

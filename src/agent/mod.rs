@@ -4,6 +4,7 @@
 pub mod anthropic;
 pub mod chain;
 pub mod dummy;
+pub mod observer;
 pub mod openai;
 pub mod provider;
 pub mod retry;
@@ -12,6 +13,7 @@ mod sse;
 pub mod tools;
 pub mod transcript;
 
+pub use observer::Observer;
 pub use provider::{
     FailureKind, NoText, Provider, ProviderError, StopReason, TextSink, TokenUsage, ToolSpec, Turn,
 };

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::chain::ProviderChain;
+use super::observer::{Observer, add_usage};
 use super::provider::{Provider, ProviderError, StopReason, TextSink, ToolSpec};
 use super::tools::{Finish, ToolExecutor};
 use super::transcript::{Message, Part, Role, Transcript, joined_text};
-use crate::job::event::Usage;
-use crate::job::{Emitter, EventKind};
+use crate::event::{EventKind, Usage};
+use crate::redact::Redactor;
 use crate::sandbox::SandboxError;
 use crate::text::truncate_middle;
 
@@ -19,6 +20,8 @@ pub struct AgentLimits {
     pub max_turns: u32,
     /// Input + output tokens over the whole run.
     pub max_tokens: u64,
+    /// Wall time of the whole run, tool calls included. The pipeline shortens it to what the job
+    /// has left, minus a reserve for collecting and publishing the change.
     pub max_wall: Duration,
     /// Transcript size (characters) above which old tool outputs are shortened.
     pub context_chars: usize,
@@ -44,6 +47,8 @@ pub enum AgentEnd {
     Stopped,
     /// A budget ran out; the string names it.
     Budget(String),
+    /// The wall-time budget ran out (the job's deadline, less its publishing reserve).
+    OutOfTime(Duration),
     /// The model repeated the same call with the same result.
     Loop,
     /// The model declined the request.
@@ -79,7 +84,7 @@ pub enum AgentError {
 
 /// Collects streamed text and emits it as `AI Message` events a line at a time.
 struct AiText {
-    events: Emitter,
+    observer: Arc<dyn Observer>,
     buffer: Mutex<(String, String)>,
 }
 
@@ -88,7 +93,7 @@ impl AiText {
         let mut guard = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
         let (provider, text) = &mut *guard;
         if !text.trim().is_empty() {
-            self.events.emit(EventKind::AiMessage {
+            self.observer.event(EventKind::AiMessage {
                 message: std::mem::take(text),
                 provider: provider.clone(),
             });
@@ -103,7 +108,7 @@ impl TextSink for AiText {
         let (current, text) = &mut *guard;
         if current != provider && !text.is_empty() {
             let message = std::mem::take(text);
-            self.events.emit(EventKind::AiMessage {
+            self.observer.event(EventKind::AiMessage {
                 message,
                 provider: current.clone(),
             });
@@ -116,7 +121,7 @@ impl TextSink for AiText {
         {
             let rest = text.split_off(cut + 1);
             let message = std::mem::replace(text, rest);
-            self.events.emit(EventKind::AiMessage {
+            self.observer.event(EventKind::AiMessage {
                 message,
                 provider: provider.to_owned(),
             });
@@ -129,14 +134,20 @@ pub struct AgentRunner<'a> {
     pub tools: &'a ToolExecutor,
     pub specs: Vec<ToolSpec>,
     pub limits: AgentLimits,
-    pub events: Emitter,
+    pub observer: Arc<dyn Observer>,
+    /// Scrubs configured secrets out of every tool result before the model sees it. The sandbox
+    /// should hold no secret at all; this is the second line of defence.
+    pub redactor: Redactor,
 }
 
 impl AgentRunner<'_> {
     pub async fn run(mut self, mut transcript: Transcript) -> Result<AgentOutcome, AgentError> {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.limits.max_wall;
+        let max_wall = self.limits.max_wall;
+        let out_of_time = || AgentEnd::OutOfTime(max_wall);
         let sink = AiText {
-            events: self.events.clone(),
+            observer: self.observer.clone(),
             buffer: Mutex::new((String::new(), String::new())),
         };
         let mut usage: Vec<Usage> = Vec::new();
@@ -149,10 +160,7 @@ impl AgentRunner<'_> {
 
         for _turn in 0..self.limits.max_turns {
             if started.elapsed() >= self.limits.max_wall {
-                end = Some(AgentEnd::Budget(format!(
-                    "the agent's time budget of {} s ran out",
-                    self.limits.max_wall.as_secs()
-                )));
+                end = Some(out_of_time());
                 break;
             }
             if total_tokens >= self.limits.max_tokens {
@@ -163,25 +171,23 @@ impl AgentRunner<'_> {
                 break;
             }
             shorten_old_tool_outputs(&mut transcript, self.limits.context_chars);
-            let remaining = self.limits.max_wall.saturating_sub(started.elapsed());
-            let next = tokio::time::timeout(
-                remaining,
+            let next = tokio::time::timeout_at(
+                deadline,
                 self.chain
-                    .next_turn(&transcript, &self.specs, &sink, &self.events),
+                    .next_turn(&transcript, &self.specs, &sink, self.observer.as_ref()),
             )
             .await;
             sink.flush();
             let (turn, provider) = match next {
                 Ok(result) => result?,
                 Err(_) => {
-                    end = Some(AgentEnd::Budget(format!(
-                        "the agent's time budget of {} s ran out",
-                        self.limits.max_wall.as_secs()
-                    )));
+                    end = Some(out_of_time());
                     break;
                 }
             };
-            add_usage(&mut usage, provider.as_ref(), turn.usage);
+            self.observer
+                .usage(provider.name(), provider.model(), turn.usage);
+            add_usage(&mut usage, provider.name(), provider.model(), turn.usage);
             total_tokens += turn.usage.input_tokens + turn.usage.output_tokens;
 
             let text = joined_text(&turn.content);
@@ -259,7 +265,36 @@ impl AgentRunner<'_> {
             let mut results = Vec::with_capacity(calls.len());
             let mut looping = false;
             for (id, name, arguments, raw) in &calls {
-                let mut outcome = self.tools.execute(name, arguments, raw.as_deref()).await?;
+                if end.is_some() {
+                    // Out of time: the remaining calls are answered without running them, so the
+                    // transcript stays well-formed for whoever continues it.
+                    results.push(Part::ToolResult {
+                        call_id: id.clone(),
+                        content: "Not run: the agent's time budget ran out.".into(),
+                        is_error: true,
+                    });
+                    continue;
+                }
+                let executed = tokio::time::timeout_at(
+                    deadline,
+                    self.tools.execute(name, arguments, raw.as_deref()),
+                )
+                .await;
+                let mut outcome = match executed {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        end = Some(out_of_time());
+                        results.push(Part::ToolResult {
+                            call_id: id.clone(),
+                            content: "Interrupted: the agent's time budget ran out.".into(),
+                            is_error: true,
+                        });
+                        continue;
+                    }
+                };
+                if !self.redactor.is_empty() {
+                    outcome.content = self.redactor.redact(&outcome.content);
+                }
                 match repeats.observe(name, arguments, &outcome.content) {
                     n if n >= 5 => looping = true,
                     n if n >= 3 => outcome.content.push_str(&format!(
@@ -280,6 +315,9 @@ impl AgentRunner<'_> {
                 role: Role::User,
                 content: results,
             });
+            if end.is_some() {
+                break;
+            }
             if finish.is_some() {
                 end = Some(AgentEnd::Finished);
                 break;
@@ -313,23 +351,6 @@ fn push_user_text(transcript: &mut Transcript, text: &str) {
         role: Role::User,
         content: vec![Part::Text { text: text.into() }],
     });
-}
-
-fn add_usage(usage: &mut Vec<Usage>, provider: &dyn Provider, turn: super::provider::TokenUsage) {
-    if let Some(u) = usage
-        .iter_mut()
-        .find(|u| u.provider == provider.name() && u.model == provider.model())
-    {
-        u.input_tokens += turn.input_tokens;
-        u.output_tokens += turn.output_tokens;
-    } else {
-        usage.push(Usage {
-            provider: provider.name().to_owned(),
-            model: provider.model().to_owned(),
-            input_tokens: turn.input_tokens,
-            output_tokens: turn.output_tokens,
-        });
-    }
 }
 
 fn transcript_chars(t: &Transcript) -> usize {
@@ -421,20 +442,103 @@ pub fn new_runner<'a>(
     retry: super::retry::RetryPolicy,
     tools: &'a ToolExecutor,
     limits: AgentLimits,
-    events: Emitter,
+    observer: Arc<dyn Observer>,
+    redactor: Redactor,
 ) -> AgentRunner<'a> {
     AgentRunner {
         chain: ProviderChain::new(providers, retry),
         tools,
         specs: super::tools::specs(),
         limits,
-        events,
+        observer,
+        redactor,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::observer::Recorder;
+    use crate::agent::provider::{TokenUsage, Turn};
+    use crate::sandbox::FixedSandbox;
+    use async_trait::async_trait;
+
+    struct Finisher;
+
+    #[async_trait]
+    impl Provider for Finisher {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn model(&self) -> &str {
+            "m1"
+        }
+        async fn complete(
+            &self,
+            _: &Transcript,
+            _: &[ToolSpec],
+            text: &dyn TextSink,
+        ) -> Result<Turn, ProviderError> {
+            text.text_delta("scripted", "All done.");
+            Ok(Turn {
+                content: vec![
+                    Part::Text {
+                        text: "All done.".into(),
+                    },
+                    Part::ToolCall {
+                        id: "c1".into(),
+                        name: "finish".into(),
+                        arguments: serde_json::json!({"title": "T", "summary": "S"}),
+                        raw_arguments: None,
+                    },
+                ],
+                stop: StopReason::ToolUse,
+                usage: TokenUsage {
+                    input_tokens: 10,
+                    output_tokens: 3,
+                },
+            })
+        }
+    }
+
+    /// The loop reports through its own observer: no job, no event log.
+    #[tokio::test]
+    async fn the_loop_reports_text_and_usage_to_its_observer() {
+        let recorder = Arc::new(Recorder::default());
+        let tools = ToolExecutor::new(
+            Arc::new(FixedSandbox { exec_output: None }),
+            recorder.clone(),
+        );
+        let runner = new_runner(
+            vec![Arc::new(Finisher)],
+            super::super::retry::RetryPolicy::none(),
+            &tools,
+            AgentLimits::default(),
+            recorder.clone(),
+            Redactor::default(),
+        );
+        let outcome = runner
+            .run(Transcript::new("sys", "do it"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome.end, AgentEnd::Finished);
+        assert_eq!(
+            recorder.events(),
+            vec![EventKind::AiMessage {
+                message: "All done.".into(),
+                provider: "scripted".into(),
+            }]
+        );
+        assert_eq!(
+            recorder.usage(),
+            vec![Usage {
+                provider: "scripted".into(),
+                model: "m1".into(),
+                input_tokens: 10,
+                output_tokens: 3,
+            }]
+        );
+    }
 
     #[test]
     fn repeats_are_counted_per_identical_call_and_result() {

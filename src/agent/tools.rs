@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::observer::Observer;
 use super::provider::ToolSpec;
-use crate::job::{Emitter, EventKind};
+use crate::event::EventKind;
 use crate::sandbox::{ExecRequest, FileContent, RepoPath, Sandbox, SandboxError};
 use crate::text::truncate_middle;
 
@@ -64,7 +65,7 @@ impl ToolOutcome {
 /// Executes tool calls for one job.
 pub struct ToolExecutor {
     sandbox: Arc<dyn Sandbox>,
-    events: Emitter,
+    observer: Arc<dyn Observer>,
 }
 
 pub fn specs() -> Vec<ToolSpec> {
@@ -194,8 +195,8 @@ fn cap(text: &str) -> String {
 }
 
 impl ToolExecutor {
-    pub fn new(sandbox: Arc<dyn Sandbox>, events: Emitter) -> Self {
-        Self { sandbox, events }
+    pub fn new(sandbox: Arc<dyn Sandbox>, observer: Arc<dyn Observer>) -> Self {
+        Self { sandbox, observer }
     }
 
     /// Runs one call. `Err` only when the sandbox itself is gone or broken.
@@ -279,7 +280,7 @@ impl ToolExecutor {
             Ok(p) => p,
             Err(e) => return Ok(e),
         };
-        self.events.emit(EventKind::ToolRead {
+        self.observer.event(EventKind::ToolRead {
             filepath: path.as_str().to_owned(),
             start_line: a.start_line,
             end_line: a.end_line,
@@ -381,7 +382,7 @@ impl ToolExecutor {
             .filter(|l| !l.starts_with("grep:"))
             .map(|l| l.strip_prefix("./").unwrap_or(l))
             .collect();
-        self.events.emit(EventKind::ToolSearch {
+        self.observer.event(EventKind::ToolSearch {
             pattern: a.pattern.clone(),
             path: path.to_string(),
             matches: matches.len() as u64,
@@ -519,7 +520,7 @@ impl ToolExecutor {
             }
             Err(e) => return Err(e),
         }
-        self.events.emit(EventKind::ToolEdit {
+        self.observer.event(EventKind::ToolEdit {
             filepath: path.as_str().to_owned(),
             old_str: cap(old_str),
             new_str: cap(new_str),
@@ -545,7 +546,7 @@ impl ToolExecutor {
             .exec(&ExecRequest::new(a.command.clone()).timeout(timeout))
             .await?;
         let output = out.combined();
-        self.events.emit(EventKind::ToolBash {
+        self.observer.event(EventKind::ToolBash {
             command: cap(&a.command),
             output: truncate_middle(&output, MODEL_OUTPUT_CAP).0,
             exit_code: out.exit_code,

@@ -13,6 +13,7 @@ use super::{
     ChangeSet, Forge, ForgeError, PublishMode, PullRequest, PullRequestDraft, PushedBranch,
     RepoInfo,
 };
+use crate::event::ErrorCode;
 use crate::repo::RepoRef;
 use crate::sandbox::FileContent;
 
@@ -36,7 +37,7 @@ impl Forge for LocalForge {
     ) -> Result<RepoInfo, ForgeError> {
         let RepoRef::Local { path } = repo else {
             return Err(ForgeError::new(
-                "unsupported_repo",
+                ErrorCode::UnsupportedRepo,
                 "the local forge only handles local repositories",
             ));
         };
@@ -52,7 +53,7 @@ impl Forge for LocalForge {
             .map(|s| s.trim().to_owned())
             .map_err(|_| {
                 ForgeError::new(
-                    "base_branch_not_found",
+                    ErrorCode::BaseBranchNotFound,
                     "the local repository has no branch checked out; pass baseBranch",
                 )
             })?,
@@ -71,7 +72,7 @@ impl Forge for LocalForge {
         .await
         .map_err(|_| {
             ForgeError::new(
-                "base_branch_not_found",
+                ErrorCode::BaseBranchNotFound,
                 format!(
                     "branch `{branch}` does not exist (or has no commits) in {}",
                     path.display()
@@ -96,7 +97,7 @@ impl Forge for LocalForge {
     ) -> Result<PushedBranch, ForgeError> {
         let RepoRef::Local { path } = &info.repo else {
             return Err(ForgeError::new(
-                "unsupported_repo",
+                ErrorCode::UnsupportedRepo,
                 "not a local repository",
             ));
         };
@@ -104,13 +105,17 @@ impl Forge for LocalForge {
             .await
             .map_err(|_| {
                 ForgeError::new(
-                    "invalid_branch",
+                    ErrorCode::InvalidBranch,
                     format!("`{branch}` is not a valid branch name"),
                 )
             })?;
 
-        let scratch = tempfile::tempdir()
-            .map_err(|e| ForgeError::new("branch_write_failed", format!("temporary index: {e}")))?;
+        let scratch = tempfile::tempdir().map_err(|e| {
+            ForgeError::new(
+                ErrorCode::BranchWriteFailed,
+                format!("temporary index: {e}"),
+            )
+        })?;
         let index = scratch.path().join("index");
         let index_env = [(
             "GIT_INDEX_FILE",
@@ -193,7 +198,7 @@ impl Forge for LocalForge {
         .await
         .map_err(|e| {
             ForgeError::new(
-                "branch_exists",
+                ErrorCode::BranchExists,
                 format!("could not create branch `{branch}`: {e}"),
             )
         })?;
@@ -250,27 +255,27 @@ async fn git(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ForgeError::new("git_unavailable", format!("could not run git: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        ForgeError::new(ErrorCode::GitUnavailable, format!("could not run git: {e}"))
+    })?;
     if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data)
-            .await
-            .map_err(|e| ForgeError::new("branch_write_failed", format!("git stdin: {e}")))?;
+        pipe.write_all(data).await.map_err(|e| {
+            ForgeError::new(ErrorCode::BranchWriteFailed, format!("git stdin: {e}"))
+        })?;
         drop(pipe);
     }
     let out = tokio::time::timeout(GIT_TIMEOUT, child.wait_with_output())
         .await
         .map_err(|_| {
             ForgeError::new(
-                "branch_write_failed",
+                ErrorCode::BranchWriteFailed,
                 format!("git {} timed out", args.join(" ")),
             )
         })?
-        .map_err(|e| ForgeError::new("branch_write_failed", format!("git: {e}")))?;
+        .map_err(|e| ForgeError::new(ErrorCode::BranchWriteFailed, format!("git: {e}")))?;
     if !out.status.success() {
         return Err(ForgeError::new(
-            "branch_write_failed",
+            ErrorCode::BranchWriteFailed,
             format!(
                 "git {} failed: {}",
                 args.first().copied().unwrap_or_default(),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::job::event::{FileStatus, FileSummary};
+use crate::event::{ErrorCode, FileStatus, FileSummary};
 use crate::repo::RepoRef;
 use crate::sandbox::{FileContent, RepoPath};
 
@@ -97,13 +97,13 @@ pub struct PullRequest {
 #[error("{message}")]
 pub struct ForgeError {
     /// snake_case code for `Error` events (`github_unauthorized`, `branch_write_failed`, …).
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub retryable: bool,
 }
 
 impl ForgeError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -172,7 +172,7 @@ impl Forge for PatchOnly {
         _message: &str,
     ) -> Result<PushedBranch, ForgeError> {
         Err(ForgeError::new(
-            "publish_disabled",
+            ErrorCode::PublishDisabled,
             "no GitHub token is configured",
         ))
     }

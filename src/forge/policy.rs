@@ -1,6 +1,7 @@
 //! What a commit may contain, checked before any forge writes anything.
 
 use super::ChangeSet;
+use crate::event::ErrorCode;
 use crate::sandbox::FileContent;
 
 /// GitHub refuses blobs above 100 MiB.
@@ -23,13 +24,13 @@ impl CommitPolicy {
                     .any(|c| c == ".." || c.eq_ignore_ascii_case(".git"))
             {
                 return Err(super::ForgeError::new(
-                    "path_refused",
+                    ErrorCode::PathRefused,
                     format!("`{path}` may not be committed"),
                 ));
             }
             if !self.allow_workflow_changes && path.starts_with(".github/workflows/") {
                 return Err(super::ForgeError::new(
-                    "workflow_change_refused",
+                    ErrorCode::WorkflowChangeRefused,
                     format!(
                         "`{path}` changes a GitHub Actions workflow; most tokens may not push workflows, so this is refused unless ALLOW_WORKFLOW_CHANGES=true"
                     ),
@@ -39,7 +40,7 @@ impl CommitPolicy {
                 && bytes.len() > MAX_BLOB_BYTES
             {
                 return Err(super::ForgeError::new(
-                    "file_too_large",
+                    ErrorCode::FileTooLarge,
                     format!(
                         "`{path}` is {} MiB; GitHub accepts files up to 100 MiB",
                         bytes.len() / (1024 * 1024)
@@ -54,8 +55,8 @@ impl CommitPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::FileStatus;
     use crate::forge::ChangedFile;
-    use crate::job::event::FileStatus;
     use crate::sandbox::RepoPath;
 
     fn change(path: &str, bytes: usize) -> ChangeSet {

@@ -61,12 +61,7 @@ pub async fn require_api_key(
         })
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
-    let ok = presented.is_some_and(|key| {
-        state
-            .api_keys
-            .iter()
-            .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes()))
-    });
+    let ok = presented.is_some_and(|key| key_matches(&state.api_keys, key));
     if ok {
         next.run(request).await
     } else {
@@ -83,11 +78,20 @@ pub async fn require_api_key(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `presented` is one of `keys`, in time that depends on neither the keys' lengths nor
+/// which key matched: SHA-256 digests (all 32 bytes) are compared, every key is compared, and
+/// the comparison has no early exit.
+fn key_matches(keys: &[String], presented: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let presented = Sha256::digest(presented.as_bytes());
+    keys.iter().fold(false, |found, key| {
+        let key = Sha256::digest(key.as_bytes());
+        let diff = key
+            .iter()
+            .zip(presented.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        found | (diff == 0)
+    })
 }
 
 /// Parses and validates a job request body.
@@ -231,7 +235,11 @@ pub async fn code(
     let request = parse_request(&state, body)?;
     let job = submit(&state, request)?;
     // The stream only reads the log: a client that goes away does not cancel the job.
-    Ok((job_id_header(&job), sse::stream(job.log(), 0)).into_response())
+    Ok((
+        job_id_header(&job),
+        sse::stream(job.log(), 0, state.registry.stopped()),
+    )
+        .into_response())
 }
 
 pub async fn create_job(
@@ -294,7 +302,16 @@ pub async fn job_events(
             )
         })?,
     };
-    Ok((job_id_header(&job), sse::stream(job.log(), after)).into_response())
+    // A finished job with nothing after the resume point answers at once; 204 is also what tells a
+    // browser's EventSource to stop reconnecting after the stream it had ended with `Done`.
+    if job.log().is_exhausted_after(after) {
+        return Ok((StatusCode::NO_CONTENT, job_id_header(&job)).into_response());
+    }
+    Ok((
+        job_id_header(&job),
+        sse::stream(job.log(), after, state.registry.stopped()),
+    )
+        .into_response())
 }
 
 pub async fn job_patch(
@@ -351,6 +368,17 @@ pub async fn cancel_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_keys_match_by_digest() {
+        let keys = vec!["svc-key-123456".to_owned(), "other".to_owned()];
+        assert!(key_matches(&keys, "svc-key-123456"));
+        assert!(key_matches(&keys, "other"));
+        assert!(!key_matches(&keys, "svc-key-12345"));
+        assert!(!key_matches(&keys, "svc-key-1234567"));
+        assert!(!key_matches(&keys, ""));
+        assert!(!key_matches(&[], "other"));
+    }
 
     #[test]
     fn branch_rules() {

@@ -1,10 +1,13 @@
 //! Collecting the agent's change out of a sandbox in a constant number of requests: one command
-//! for the file list, line counts and patch, one batched read of the changed files.
+//! for the file list, line counts, total size and patch, one batched read of the changed files.
+//!
+//! The change's total size is known before any file is read, so a change larger than the
+//! configured limit is refused without ever being held in memory.
 
 use std::time::Duration;
 
+use crate::event::FileStatus;
 use crate::forge::{ChangeSet, ChangedFile};
-use crate::job::event::FileStatus;
 use crate::sandbox::{ExecRequest, FileContent, RepoPath, Sandbox, SandboxError};
 
 /// Largest patch kept for `Diff` events and `GET /jobs/{id}/patch`.
@@ -16,10 +19,17 @@ pub enum ChangeError {
     Sandbox(#[from] SandboxError),
     #[error("{0}")]
     Git(String),
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Stages everything in the sandbox's checkout and describes it relative to `base`.
-pub async fn collect(sandbox: &dyn Sandbox, base: &str) -> Result<ChangeSet, ChangeError> {
+/// `max_bytes` bounds the total size of the changed files' new contents.
+pub async fn collect(
+    sandbox: &dyn Sandbox,
+    base: &str,
+    max_bytes: u64,
+) -> Result<ChangeSet, ChangeError> {
     if !base.chars().all(|c| c.is_ascii_hexdigit()) || base.len() < 7 {
         return Err(ChangeError::Git(format!("`{base}` is not a commit id")));
     }
@@ -28,12 +38,15 @@ pub async fn collect(sandbox: &dyn Sandbox, base: &str) -> Result<ChangeSet, Cha
     let mark = |name: &str| format!("__TB_{nonce:016x}_{name}__");
     let command = format!(
         "git add -A >/dev/null 2>&1 || {{ echo 'git add failed' >&2; git add -A; exit 3; }}\n\
+         printf '%s\\n' '{size}'\n\
+         git diff --cached --no-renames --no-ext-diff --raw --no-abbrev {base} | awk '{{print $4}}' | git cat-file --batch-check='%(objectsize)' | awk '$1 ~ /^[0-9]+$/ {{s += $1}} END {{print s + 0}}'\n\
          printf '%s\\n' '{raw}'\n\
          git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --raw -z {base} || exit 4\n\
          printf '\\n%s\\n' '{numstat}'\n\
          git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --numstat -z {base} || exit 4\n\
          printf '\\n%s\\n' '{patch}'\n\
          git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --no-color --binary {base} | head -c {limit}\n",
+        size = mark("SIZE"),
         raw = mark("RAW"),
         numstat = mark("NUMSTAT"),
         patch = mark("PATCH"),
@@ -46,6 +59,14 @@ pub async fn collect(sandbox: &dyn Sandbox, base: &str) -> Result<ChangeSet, Cha
                 .output_cap(4 * MAX_PATCH_BYTES),
         )
         .await?;
+    if out.truncated {
+        // Only the file list and line counts can overflow the cap (the patch is cut short by
+        // `head`): so many changed paths that the change cannot even be described.
+        return Err(ChangeError::TooLarge(format!(
+            "the change is too large: its file list alone is over {} MiB",
+            4 * MAX_PATCH_BYTES / (1024 * 1024)
+        )));
+    }
     if !out.success() {
         return Err(ChangeError::Git(format!(
             "reading the change failed (exit {}): {}",
@@ -71,6 +92,17 @@ pub async fn collect(sandbox: &dyn Sandbox, base: &str) -> Result<ChangeSet, Cha
         };
         Ok(stdout[start..end].to_vec())
     };
+    let size = section("SIZE", Some("RAW"))?;
+    let total: u64 = String::from_utf8_lossy(&size).trim().parse().map_err(|_| {
+        ChangeError::Git("malformed diff output (the change's size is unreadable)".into())
+    })?;
+    if total > max_bytes {
+        return Err(ChangeError::TooLarge(format!(
+            "the change is too large: its files add up to {}, over the limit of {} (MAX_CHANGE_MB)",
+            human_size(total),
+            human_size(max_bytes)
+        )));
+    }
     let raw = section("RAW", Some("NUMSTAT"))?;
     let numstat = section("NUMSTAT", Some("PATCH"))?;
     let mut patch = section("PATCH", None)?;
@@ -109,6 +141,15 @@ pub async fn collect(sandbox: &dyn Sandbox, base: &str) -> Result<ChangeSet, Cha
         patch: String::from_utf8_lossy(&patch).into_owned(),
         patch_truncated,
     })
+}
+
+/// A size for people: MiB from 1 MiB up, bytes below.
+fn human_size(bytes: u64) -> String {
+    if bytes >= 1024 * 1024 {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -183,6 +224,28 @@ fn apply_numstat(files: &mut [ChangedFile], numstat: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::{ExecOutput, FixedSandbox};
+
+    #[tokio::test]
+    async fn a_change_too_large_to_list_is_reported_as_too_large() {
+        // The one command printed more than the output cap.
+        let overflowing = FixedSandbox {
+            exec_output: Some(ExecOutput {
+                exit_code: 0,
+                stdout: b"head\n[... 40000000 bytes truncated ...]\ntail".to_vec(),
+                stderr: Vec::new(),
+                timed_out: false,
+                truncated: true,
+            }),
+        };
+        let err = collect(&overflowing, &"a".repeat(40), u64::MAX)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ChangeError::TooLarge(m) if m.starts_with("the change is too large")),
+            "{err}"
+        );
+    }
 
     #[test]
     fn parses_raw_and_numstat() {

@@ -3,13 +3,18 @@
 //! Events are stored in a `Vec` (the source of truth) and a `watch` channel only says "the log
 //! grew". A subscriber keeps its own cursor and re-reads the log, so a slow subscriber never loses
 //! an event and never needs a lagging broadcast buffer.
+//!
+//! The log also keeps the job's state folded as events arrive ([`Summary`]) and its size in bytes,
+//! so `GET /jobs/{id}` and retention never re-read or copy the events.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::Stream;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use super::event::{Event, EventKind};
+use super::state::Summary;
+use crate::event::{Event, EventKind};
 
 /// An event with its sequence number (1-based, gap-free within a job).
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +27,9 @@ pub struct Sequenced {
 struct Inner {
     events: Vec<Sequenced>,
     closed: bool,
+    summary: Summary,
+    /// The events' size as JSON, for retention by bytes.
+    bytes: usize,
 }
 
 /// Shared handle to one job's log. Cloning is cheap.
@@ -44,6 +52,8 @@ impl EventLog {
             inner: Arc::new(Mutex::new(Inner {
                 events: Vec::new(),
                 closed: false,
+                summary: Summary::default(),
+                bytes: 0,
             })),
             len_tx: Arc::new(len_tx),
         }
@@ -65,13 +75,13 @@ impl EventLog {
             }
             let seq = inner.events.len() as u64 + 1;
             inner.closed = kind.is_done();
-            inner.events.push(Sequenced {
-                seq,
-                event: Event {
-                    kind,
-                    timestamp: crate::now_ms(),
-                },
-            });
+            let event = Event {
+                kind,
+                timestamp: crate::now_ms(),
+            };
+            inner.bytes += serde_json::to_vec(&event).map(|v| v.len()).unwrap_or(0);
+            inner.summary.apply(&event);
+            inner.events.push(Sequenced { seq, event });
             seq
         };
         self.len_tx.send_replace(seq);
@@ -98,17 +108,45 @@ impl EventLog {
         self.lock().closed
     }
 
-    /// The last event, if any.
-    pub fn last(&self) -> Option<Sequenced> {
-        self.lock().events.last().cloned()
+    /// The job's state, folded from every event so far.
+    pub fn summary(&self) -> Summary {
+        self.lock().summary.clone()
+    }
+
+    /// When `Done` was appended, once it has been.
+    pub fn finished_at(&self) -> Option<u64> {
+        self.lock().summary.finished_at
+    }
+
+    /// The stored events' size as JSON.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Whether a reader that has seen up to `seq` has nothing more to come: the log is closed
+    /// and `seq` is at or past its end.
+    pub fn is_exhausted_after(&self, seq: u64) -> bool {
+        let inner = self.lock();
+        inner.closed && seq >= inner.events.len() as u64
     }
 
     /// Replays the events after `seq`, then follows live ones; ends after `Done`.
     pub fn follow(&self, seq: u64) -> impl Stream<Item = Sequenced> + Send + 'static {
+        self.follow_until(seq, CancellationToken::new())
+    }
+
+    /// Like [`EventLog::follow`], but also ends once `stop` is cancelled, after yielding every
+    /// event stored by then (so a `Done` appended just before the stop is never cut off).
+    pub fn follow_until(
+        &self,
+        seq: u64,
+        stop: CancellationToken,
+    ) -> impl Stream<Item = Sequenced> + Send + 'static {
         let log = self.clone();
         let mut len_rx = self.len_tx.subscribe();
         async_stream::stream! {
             let mut cursor = seq;
+            let mut stopping = false;
             loop {
                 // Mark the current length as seen *before* reading, so an append that lands after
                 // the read still wakes us.
@@ -122,11 +160,18 @@ impl EventLog {
                         return;
                     }
                 }
+                if stopping {
+                    return;
+                }
                 // No "is the log closed?" shortcut here: `Done` may have been appended after the
                 // read above, and only the next read can yield it. The watch was marked seen before
                 // that read, so `changed` resolves at once in that case.
-                if len_rx.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = len_rx.changed() => if changed.is_err() {
+                        return;
+                    },
+                    // One last read drains what was stored before the stop.
+                    _ = stop.cancelled() => stopping = true,
                 }
             }
         }
@@ -136,7 +181,7 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::event::{DoneStatus, Step, StepState};
+    use crate::event::{DoneStatus, Step, StepState};
     use futures::StreamExt;
 
     fn status(msg: &str) -> EventKind {

@@ -1,13 +1,15 @@
 //! Jobs: the event wire format, the event log, the registry and the pipeline.
 
 pub mod change;
-pub mod event;
+pub mod lease;
 pub mod log;
 pub mod pipeline;
+mod pull_request;
 pub mod registry;
 pub mod state;
+pub mod step;
 
-pub use event::{Event, EventKind};
+pub use crate::event::{Event, EventKind};
 pub use log::{EventLog, Sequenced};
 pub use registry::{Job, JobRegistry, JobRequest, Limits, SubmitError};
 

@@ -1,18 +1,24 @@
 //! The jobs this process knows: admission (concurrency limit + bounded queue), lookup, cancel,
 //! retention of finished jobs, and the supervisor that guarantees `Done` even after a panic.
+//!
+//! Lookups are a hash-map get under a short lock. Pruning finished jobs (by age, count and bytes)
+//! runs on a timer and when a job finishes, never on a request's path.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::event::{DoneStatus, ErrorInfo, EventKind, Step, StepState};
-use super::pipeline::{self, Backends};
+use super::pipeline::{self, Backends, Progress};
 use super::{Emitter, EventLog};
+use crate::event::{DoneStatus, ErrorCode, ErrorInfo, EventKind, Step, StepState};
 use crate::repo::RepoRef;
 
 /// A validated request to run a job.
@@ -33,6 +39,8 @@ pub struct Limits {
     pub retention: Duration,
     /// How many finished jobs are kept at most.
     pub max_retained: usize,
+    /// How many bytes (events as JSON, plus patches) finished jobs may hold in all.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for Limits {
@@ -40,8 +48,9 @@ impl Default for Limits {
         Self {
             max_concurrent: 4,
             max_queued: 16,
-            retention: Duration::from_secs(3600),
+            retention: Duration::from_secs(168 * 3600),
             max_retained: 500,
+            max_retained_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -54,7 +63,9 @@ pub struct Job {
     created: Instant,
     emitter: Emitter,
     cancel: CancellationToken,
-    patch: OnceLock<(String, bool)>,
+    patch: OnceLock<(Bytes, bool)>,
+    /// What the job has spent and left behind so far, for `Done` on every path.
+    pub(super) progress: Mutex<Progress>,
 }
 
 impl std::fmt::Debug for Job {
@@ -90,17 +101,31 @@ impl Job {
         self.emitter.clone()
     }
 
+    /// Where the job's events go.
+    pub fn events(&self) -> &Emitter {
+        &self.emitter
+    }
+
     pub fn is_finished(&self) -> bool {
         self.log().is_closed()
     }
 
-    /// The full patch, once the agent has finished.
-    pub fn patch(&self) -> Option<&(String, bool)> {
+    /// The full patch, once the agent has finished. `Bytes`, so serving it never copies it.
+    pub fn patch(&self) -> Option<&(Bytes, bool)> {
         self.patch.get()
     }
 
-    pub(super) fn set_patch(&self, patch: String, truncated: bool) {
+    pub(super) fn set_patch(&self, patch: Bytes, truncated: bool) {
         let _ = self.patch.set((patch, truncated));
+    }
+
+    /// Memory the job holds: its events as JSON and its patch.
+    pub fn bytes(&self) -> usize {
+        self.log().bytes() + self.patch.get().map_or(0, |(p, _)| p.len())
+    }
+
+    pub(super) fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn cancel(&self) {
@@ -122,25 +147,47 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
+/// How often finished jobs past their retention are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 pub struct JobRegistry {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Jobs admitted and not yet finished.
+    active: AtomicUsize,
     slots: Arc<Semaphore>,
     backends: Arc<Backends>,
     limits: Limits,
     tasks: TaskTracker,
+    /// Cancelled when shutdown begins: every job is cancelled with it.
     shutdown: CancellationToken,
+    /// Cancelled when shutdown has ended (jobs finished or the grace ran out): open event streams
+    /// end then, even one whose job never wrote `Done`.
+    stopped: CancellationToken,
 }
 
 impl JobRegistry {
     pub fn new(backends: Arc<Backends>, limits: Limits) -> Arc<Self> {
-        Arc::new(Self {
+        let registry = Arc::new(Self {
             jobs: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             backends,
             limits,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-        })
+            stopped: CancellationToken::new(),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&registry);
+            let stopped = registry.stopped.clone();
+            runtime.spawn(prune_periodically(weak, stopped));
+        }
+        registry
+    }
+
+    /// Cancelled once shutdown has finished; event streams end with it.
+    pub fn stopped(&self) -> CancellationToken {
+        self.stopped.clone()
     }
 
     pub fn backends(&self) -> &Arc<Backends> {
@@ -157,12 +204,16 @@ impl JobRegistry {
             return Err(SubmitError::ShuttingDown);
         }
         let id = uuid::Uuid::new_v4().to_string();
-        let job = {
-            let mut jobs = self.lock();
-            self.prune(&mut jobs);
-            let active = jobs.values().filter(|j| !j.is_finished()).count();
-            let capacity = self.limits.max_concurrent + self.limits.max_queued;
-            if active >= capacity {
+        let capacity = self.limits.max_concurrent + self.limits.max_queued;
+        // Reserve a place first, so that concurrent submissions cannot overshoot the capacity.
+        let admitted = self
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < capacity).then_some(n + 1)
+            });
+        let active = match admitted {
+            Ok(before) => before,
+            Err(active) => {
                 let running = active.min(self.limits.max_concurrent);
                 return Err(SubmitError::Busy {
                     running,
@@ -170,6 +221,9 @@ impl JobRegistry {
                     retry_after: Duration::from_secs(30),
                 });
             }
+        };
+        let job = {
+            let mut jobs = self.lock();
             let log = EventLog::new();
             let job = Arc::new(Job {
                 id: id.clone(),
@@ -179,6 +233,7 @@ impl JobRegistry {
                 emitter: Emitter::new(log, self.backends.redactor.clone(), id.clone()),
                 cancel: self.shutdown.child_token(),
                 patch: OnceLock::new(),
+                progress: Mutex::new(Progress::default()),
             });
             jobs.insert(id.clone(), job.clone());
             let ahead = active.saturating_sub(self.slots.available_permits().min(active));
@@ -214,6 +269,7 @@ impl JobRegistry {
             let job = job.clone();
             let backends = self.backends.clone();
             let slots = self.slots.clone();
+            let registry = Arc::downgrade(self);
             async move {
                 // Every log line of the job (providers, sandbox, forge) carries its id.
                 let span = tracing::info_span!("job", job_id = %job.id);
@@ -229,45 +285,51 @@ impl JobRegistry {
                     if !events.log().is_closed() {
                         let message =
                             "the job crashed unexpectedly; its sandbox was destroyed".to_owned();
+                        let (usage, branch, pr_url) = {
+                            let progress = job.progress();
+                            (
+                                progress.usage.clone(),
+                                progress.branch.clone(),
+                                progress.pr_url.clone(),
+                            )
+                        };
                         events.emit(EventKind::Error {
-                            code: "internal".into(),
+                            code: ErrorCode::Internal,
                             message: message.clone(),
                             step: None,
                             retryable: true,
                         });
                         events.emit(EventKind::Done {
                             status: DoneStatus::Failed,
-                            pr_url: None,
-                            branch: None,
+                            pr_url,
+                            branch,
                             summary: format!("The job failed: {message}"),
                             files_changed: 0,
                             duration_ms: job.created.elapsed().as_millis() as u64,
-                            usage: vec![],
+                            usage,
                             error: Some(ErrorInfo {
-                                code: "internal".into(),
+                                code: ErrorCode::Internal,
                                 message,
                             }),
                         });
                     }
                 }
-                match job.log().last().map(|last| last.event.kind) {
-                    Some(EventKind::Done {
-                        status,
-                        duration_ms,
-                        files_changed,
-                        error,
-                        ..
-                    }) => {
-                        tracing::info!(
-                            job_id = %job.id,
-                            status = ?status,
-                            duration_ms,
-                            files_changed,
-                            error = error.map(|e| e.code).unwrap_or_default(),
-                            "job finished"
-                        );
-                    }
-                    _ => tracing::error!(job_id = %job.id, "job ended without Done"),
+                let summary = job.log().summary();
+                if job.is_finished() {
+                    tracing::info!(
+                        job_id = %job.id,
+                        state = ?summary.state,
+                        duration_ms = job.created.elapsed().as_millis() as u64,
+                        files = summary.files.as_ref().map_or(0, Vec::len),
+                        error = summary.error.map(|e| e.code.as_str()).unwrap_or_default(),
+                        "job finished"
+                    );
+                } else {
+                    tracing::error!(job_id = %job.id, "job ended without Done");
+                }
+                if let Some(registry) = registry.upgrade() {
+                    registry.active.fetch_sub(1, Ordering::AcqRel);
+                    registry.prune();
                 }
             }
         };
@@ -276,37 +338,42 @@ impl JobRegistry {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        let mut jobs = self.lock();
-        self.prune(&mut jobs);
-        jobs.get(id).cloned()
+        self.lock().get(id).cloned()
     }
 
-    /// Jobs not yet finished.
+    /// Jobs admitted and not yet finished.
     pub fn active(&self) -> usize {
-        self.lock().values().filter(|j| !j.is_finished()).count()
+        self.active.load(Ordering::Acquire)
     }
 
-    /// Drops finished jobs past their retention time, then the oldest beyond the count limit.
-    fn prune(&self, jobs: &mut HashMap<String, Arc<Job>>) {
+    /// Drops finished jobs past their retention time, then the oldest until both the count and
+    /// the byte limits hold. Runs on a timer and whenever a job finishes.
+    pub fn prune(&self) {
+        let mut jobs = self.lock();
         let now = crate::now_ms();
         let retention = self.limits.retention.as_millis() as u64;
-        jobs.retain(|_, job| match job.log().last() {
-            Some(last) if last.event.kind.is_done() => {
-                now.saturating_sub(last.event.timestamp) < retention
-            }
-            _ => true,
-        });
-        let mut finished: Vec<(u64, String)> = jobs
+        // (finished at, created at, id, bytes) of every finished job.
+        let mut finished: Vec<(u64, u64, String, usize)> = jobs
             .values()
-            .filter(|j| j.is_finished())
-            .map(|j| (j.created_at_ms, j.id.clone()))
+            .filter_map(|job| {
+                let at = job.log().finished_at()?;
+                Some((at, job.created_at_ms, job.id.clone(), job.bytes()))
+            })
             .collect();
-        if finished.len() > self.limits.max_retained {
-            finished.sort();
-            let excess = finished.len() - self.limits.max_retained;
-            for (_, id) in finished.into_iter().take(excess) {
-                jobs.remove(&id);
+        finished.sort();
+        let mut count = finished.len();
+        let mut bytes: usize = finished.iter().map(|f| f.3).sum();
+        for (finished_at, _, id, size) in finished {
+            let expired = now.saturating_sub(finished_at) >= retention;
+            if !expired
+                && count <= self.limits.max_retained
+                && bytes <= self.limits.max_retained_bytes
+            {
+                break;
             }
+            jobs.remove(&id);
+            count -= 1;
+            bytes -= size;
         }
     }
 
@@ -319,6 +386,22 @@ impl JobRegistry {
             .is_err()
         {
             tracing::warn!("some jobs did not finish cleaning up before shutdown");
+        }
+        self.stopped.cancel();
+    }
+}
+
+async fn prune_periodically(registry: Weak<JobRegistry>, stopped: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.cancelled() => return,
+        }
+        match registry.upgrade() {
+            Some(registry) => registry.prune(),
+            None => return,
         }
     }
 }

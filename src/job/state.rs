@@ -1,9 +1,10 @@
-//! `GET /jobs/{id}`: the job's state, folded from its event log (the single source of truth).
+//! `GET /jobs/{id}`: the job's state, folded from its event log (the single source of truth) as
+//! each event is appended, so reading it never walks or copies the log.
 
 use serde::Serialize;
 
-use super::event::{DoneStatus, ErrorInfo, EventKind, FileSummary, Step, StepState, Usage};
 use super::registry::Job;
+use crate::event::{DoneStatus, ErrorInfo, Event, EventKind, FileSummary, Step, StepState, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -13,6 +14,94 @@ pub enum JobState {
     Succeeded,
     Failed,
     Cancelled,
+}
+
+/// What the events have said about the job so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub state: JobState,
+    pub finished_at: Option<u64>,
+    pub pr_url: Option<String>,
+    pub branch: Option<String>,
+    pub summary: Option<String>,
+    pub files: Option<Vec<FileSummary>>,
+    pub usage: Option<Vec<Usage>>,
+    pub error: Option<ErrorInfo>,
+}
+
+impl Default for Summary {
+    fn default() -> Self {
+        Self {
+            state: JobState::Queued,
+            finished_at: None,
+            pr_url: None,
+            branch: None,
+            summary: None,
+            files: None,
+            usage: None,
+            error: None,
+        }
+    }
+}
+
+impl Summary {
+    /// Folds one more event in.
+    pub fn apply(&mut self, event: &Event) {
+        match &event.kind {
+            EventKind::Status {
+                step: Step::Queue,
+                state: StepState::Succeeded,
+                ..
+            } => self.state = JobState::Running,
+            EventKind::Diff { files, .. } => self.files = Some(files.clone()),
+            EventKind::PrCreated { pr_url, branch, .. } => {
+                self.pr_url = Some(pr_url.clone());
+                self.branch = Some(branch.clone());
+            }
+            EventKind::Error { code, message, .. } => {
+                self.error = Some(ErrorInfo {
+                    code: *code,
+                    message: message.clone(),
+                });
+            }
+            EventKind::Done {
+                status,
+                pr_url,
+                branch,
+                summary,
+                usage,
+                error,
+                ..
+            } => {
+                self.state = match status {
+                    DoneStatus::Succeeded => JobState::Succeeded,
+                    DoneStatus::Failed => JobState::Failed,
+                    DoneStatus::Cancelled => JobState::Cancelled,
+                };
+                self.finished_at = Some(event.timestamp);
+                if pr_url.is_some() {
+                    self.pr_url = pr_url.clone();
+                }
+                if branch.is_some() {
+                    self.branch = branch.clone();
+                }
+                self.summary = Some(summary.clone());
+                self.usage = Some(usage.clone());
+                if error.is_some() {
+                    self.error = error.clone();
+                }
+            }
+            EventKind::JobStarted { .. }
+            | EventKind::Status { .. }
+            | EventKind::AiMessage { .. }
+            | EventKind::ToolRead { .. }
+            | EventKind::ToolEdit { .. }
+            | EventKind::ToolBash { .. }
+            | EventKind::ToolSearch { .. }
+            | EventKind::AgentFallback { .. }
+            | EventKind::Verify { .. } => {}
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,67 +129,20 @@ pub struct JobView {
 
 impl JobView {
     pub fn of(job: &Job) -> Self {
-        let mut view = JobView {
+        let s = job.log().summary();
+        JobView {
             job_id: job.id().to_owned(),
-            state: JobState::Queued,
+            state: s.state,
             repo_url: job.request().repo.canonical(),
             prompt: job.request().prompt.clone(),
             created_at: job.created_at_ms(),
-            finished_at: None,
-            pr_url: None,
-            branch: None,
-            summary: None,
-            files: None,
-            usage: None,
-            error: None,
-        };
-        for item in job.log().replay_after(0) {
-            match item.event.kind {
-                EventKind::Status {
-                    step: Step::Queue,
-                    state: StepState::Succeeded,
-                    ..
-                } => view.state = JobState::Running,
-                EventKind::Diff { files, .. } => view.files = Some(files),
-                EventKind::PrCreated { pr_url, branch, .. } => {
-                    view.pr_url = Some(pr_url);
-                    view.branch = Some(branch);
-                }
-                EventKind::Error { code, message, .. } => {
-                    view.error = Some(ErrorInfo { code, message });
-                }
-                EventKind::Done {
-                    status,
-                    pr_url,
-                    branch,
-                    summary,
-                    usage,
-                    error,
-                    ..
-                } => {
-                    view.state = match status {
-                        DoneStatus::Succeeded => JobState::Succeeded,
-                        DoneStatus::Failed => JobState::Failed,
-                        DoneStatus::Cancelled => JobState::Cancelled,
-                    };
-                    view.finished_at = Some(item.event.timestamp);
-                    view.pr_url = pr_url.or(view.pr_url);
-                    view.branch = branch.or(view.branch);
-                    view.summary = Some(summary);
-                    view.usage = Some(usage);
-                    view.error = error.or(view.error);
-                }
-                EventKind::JobStarted { .. }
-                | EventKind::Status { .. }
-                | EventKind::AiMessage { .. }
-                | EventKind::ToolRead { .. }
-                | EventKind::ToolEdit { .. }
-                | EventKind::ToolBash { .. }
-                | EventKind::ToolSearch { .. }
-                | EventKind::AgentFallback { .. }
-                | EventKind::Verify { .. } => {}
-            }
+            finished_at: s.finished_at,
+            pr_url: s.pr_url,
+            branch: s.branch,
+            summary: s.summary,
+            files: s.files,
+            usage: s.usage,
+            error: s.error,
         }
-        view
     }
 }

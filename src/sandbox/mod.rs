@@ -16,6 +16,8 @@ use async_trait::async_trait;
 
 pub use path::RepoPath;
 
+use crate::event::ErrorCode;
+
 /// What to run. `command` is a shell command line run by `bash -c` in the repository root.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -151,17 +153,17 @@ impl SandboxError {
         }
     }
 
-    /// The snake_case code used in `Error` events.
-    pub fn code(&self) -> &'static str {
+    /// The code of the `Error` event this failure becomes.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            SandboxError::Create(_) => "sandbox_create_failed",
-            SandboxError::Unconfined(_) => "sandbox_unconfined",
-            SandboxError::Path(_) => "path_refused",
-            SandboxError::Io(_) => "sandbox_io",
-            SandboxError::Clone(_) => "clone_failed",
-            SandboxError::Gone(_) => "sandbox_gone",
-            SandboxError::Transport { .. } => "sandbox_transport",
-            SandboxError::NotFound(_) => "not_found",
+            SandboxError::Create(_) => ErrorCode::SandboxCreateFailed,
+            SandboxError::Unconfined(_) => ErrorCode::SandboxUnconfined,
+            SandboxError::Path(_) => ErrorCode::PathRefused,
+            SandboxError::Io(_) => ErrorCode::SandboxIo,
+            SandboxError::Clone(_) => ErrorCode::CloneFailed,
+            SandboxError::Gone(_) => ErrorCode::SandboxGone,
+            SandboxError::Transport { .. } => ErrorCode::SandboxTransport,
+            SandboxError::NotFound(_) => ErrorCode::NotFound,
         }
     }
 }
@@ -232,5 +234,40 @@ impl Drop for SandboxGuard {
                 Err(_) => tracing::error!("sandbox dropped outside a runtime; it may leak"),
             }
         }
+    }
+}
+
+/// A sandbox for unit tests of the layers above: every command prints `exec_output` (or fails
+/// when there is none), and every other call fails as if the sandbox were gone.
+#[cfg(test)]
+pub(crate) struct FixedSandbox {
+    pub exec_output: Option<ExecOutput>,
+}
+
+#[cfg(test)]
+#[async_trait]
+impl Sandbox for FixedSandbox {
+    async fn clone_repo(&self, _: &CloneSpec) -> Result<Cloned, SandboxError> {
+        Err(SandboxError::Gone("test sandbox".into()))
+    }
+    async fn exec(&self, _: &ExecRequest) -> Result<ExecOutput, SandboxError> {
+        self.exec_output
+            .clone()
+            .ok_or_else(|| SandboxError::Gone("test sandbox".into()))
+    }
+    async fn read_file(&self, _: &RepoPath) -> Result<FileContent, SandboxError> {
+        Err(SandboxError::Gone("test sandbox".into()))
+    }
+    async fn read_files(&self, _: &[RepoPath]) -> Result<Vec<FileContent>, SandboxError> {
+        Err(SandboxError::Gone("test sandbox".into()))
+    }
+    async fn write_file(&self, _: &RepoPath, _: &[u8]) -> Result<(), SandboxError> {
+        Err(SandboxError::Gone("test sandbox".into()))
+    }
+    async fn list_dir(&self, _: &RepoPath, _: u32) -> Result<Vec<DirEntry>, SandboxError> {
+        Err(SandboxError::Gone("test sandbox".into()))
+    }
+    async fn kill(&self) -> Result<(), SandboxError> {
+        Ok(())
     }
 }

@@ -13,10 +13,10 @@ use tiny_backspace::agent::runner::AgentLimits;
 use tiny_backspace::agent::{
     Part, Provider, ProviderError, StopReason, TextSink, TokenUsage, ToolSpec, Transcript, Turn,
 };
+use tiny_backspace::event::{Event, EventKind};
 use tiny_backspace::forge::local::LocalForge;
 use tiny_backspace::forge::policy::CommitPolicy;
 use tiny_backspace::forge::{Forge, Forges};
-use tiny_backspace::job::event::{Event, EventKind};
 use tiny_backspace::job::pipeline::Backends;
 use tiny_backspace::job::{Job, JobRegistry, JobRequest, Limits};
 use tiny_backspace::redact::Redactor;
@@ -82,6 +82,9 @@ pub struct HarnessOptions {
     pub sandbox: Option<Arc<dyn SandboxProvider>>,
     pub secrets: Vec<String>,
     pub agent_limits: AgentLimits,
+    pub max_change_bytes: u64,
+    /// Provider retries (none by default, so faults show at once).
+    pub retry: RetryPolicy,
 }
 
 impl Default for HarnessOptions {
@@ -94,6 +97,11 @@ impl Default for HarnessOptions {
             sandbox: None,
             secrets: Vec::new(),
             agent_limits: AgentLimits::default(),
+            max_change_bytes: 64 * 1024 * 1024,
+            retry: RetryPolicy {
+                max_retries: 0,
+                ..RetryPolicy::default()
+            },
         }
     }
 }
@@ -114,13 +122,11 @@ impl Harness {
             },
             commit_policy: CommitPolicy::default(),
             agent_limits: options.agent_limits,
-            retry: RetryPolicy {
-                max_retries: 0,
-                ..RetryPolicy::default()
-            },
+            retry: options.retry,
             redactor: Redactor::new(options.secrets),
             job_timeout: options.job_timeout,
             clone_timeout: Duration::from_secs(60),
+            max_change_bytes: options.max_change_bytes,
         };
         Self {
             registry: JobRegistry::new(Arc::new(backends), options.limits),

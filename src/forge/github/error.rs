@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::event::ErrorCode;
 use crate::forge::ForgeError;
 
 /// What a failed call was trying to do, for the message.
@@ -242,11 +243,11 @@ impl Failure {
         }
     }
 
-    fn word(&self, ctx: &Ctx) -> (&'static str, String, bool) {
+    fn word(&self, ctx: &Ctx) -> (ErrorCode, String, bool) {
         let Ctx { action, repo, .. } = ctx;
         let workflow = || {
             (
-                "github_workflow_permission",
+                ErrorCode::GithubWorkflowPermission,
                 format!(
                     "GitHub refused to {action} on {repo} because the change touches `.github/workflows/` and the token lacks the `workflow` scope (fine-grained or App token: Workflows: write); {}",
                     self.github_says()
@@ -256,14 +257,14 @@ impl Failure {
         };
         match self.kind {
             FailureKind::Timeout => (
-                "github_timeout",
+                ErrorCode::GithubTimeout,
                 format!(
                     "GitHub did not answer in time while trying to {action} on {repo}; try again"
                 ),
                 true,
             ),
             FailureKind::Transport => (
-                "github_unreachable",
+                ErrorCode::GithubUnreachable,
                 format!(
                     "could not reach GitHub to {action} on {repo}: {}",
                     self.message
@@ -271,7 +272,7 @@ impl Failure {
                 true,
             ),
             FailureKind::Decode => (
-                "github_bad_response",
+                ErrorCode::GithubBadResponse,
                 format!(
                     "GitHub's answer to {action} on {repo} was not understood: {}",
                     self.message
@@ -279,7 +280,7 @@ impl Failure {
                 false,
             ),
             FailureKind::Status(_) if self.is_rate_limit() => (
-                "github_rate_limited",
+                ErrorCode::GithubRateLimited,
                 format!(
                     "GitHub's rate limit stopped the request to {action} on {repo}; {} ({})",
                     self.when_it_resets(),
@@ -288,7 +289,7 @@ impl Failure {
                 true,
             ),
             FailureKind::Status(401) => (
-                "github_unauthorized",
+                ErrorCode::GithubUnauthorized,
                 format!(
                     "GitHub rejected the token (401) while trying to {action} on {repo}: check that GITHUB_TOKEN is valid and not expired or revoked ({})",
                     self.github_says()
@@ -299,7 +300,7 @@ impl Failure {
                 workflow()
             }
             FailureKind::Status(403) => (
-                "github_forbidden",
+                ErrorCode::GithubForbidden,
                 format!(
                     "the token may not {action} on {repo}: it needs {} ({})",
                     self.needed(ctx),
@@ -309,7 +310,7 @@ impl Failure {
             ),
             FailureKind::Status(404) if ctx.workflows => workflow(),
             FailureKind::Status(404) => (
-                "github_not_found",
+                ErrorCode::GithubNotFound,
                 format!(
                     "could not {action}: {repo} does not exist or the token cannot see it (GitHub answers 404 when a token has no access to a private repository or lacks {})",
                     ctx.needs
@@ -317,7 +318,7 @@ impl Failure {
                 false,
             ),
             FailureKind::Status(409) => (
-                "github_conflict",
+                ErrorCode::GithubConflict,
                 format!(
                     "GitHub refused to {action} on {repo} ({})",
                     self.github_says()
@@ -325,7 +326,7 @@ impl Failure {
                 false,
             ),
             FailureKind::Status(422) => (
-                "github_validation_failed",
+                ErrorCode::GithubValidationFailed,
                 format!(
                     "GitHub refused to {action} on {repo} ({})",
                     self.github_says()
@@ -333,14 +334,14 @@ impl Failure {
                 false,
             ),
             FailureKind::Status(s) if s >= 500 => (
-                "github_unavailable",
+                ErrorCode::GithubUnavailable,
                 format!(
                     "GitHub had an internal error ({s}) while trying to {action} on {repo}; try again later"
                 ),
                 true,
             ),
             FailureKind::Status(s) => (
-                "github_request_failed",
+                ErrorCode::GithubRequestFailed,
                 format!(
                     "GitHub answered {s} when asked to {action} on {repo} ({})",
                     self.github_says()

@@ -32,6 +32,7 @@ use super::{
     ChangeSet, Forge, ForgeError, PublishMode, PullRequest, PullRequestDraft, PushedBranch,
     RepoInfo,
 };
+use crate::event::ErrorCode;
 use crate::repo::RepoRef;
 use crate::sandbox::FileContent;
 
@@ -159,7 +160,7 @@ impl GithubForge {
         let api_url = config.api_url.trim().trim_end_matches('/').to_owned();
         let parsed = url::Url::parse(&api_url).map_err(|e| {
             ForgeError::new(
-                "invalid_github_api_url",
+                ErrorCode::InvalidGithubApiUrl,
                 format!("GITHUB_API_URL `{api_url}` is not a URL: {e}"),
             )
         })?;
@@ -170,7 +171,7 @@ impl GithubForge {
             || parsed.query().is_some()
         {
             return Err(ForgeError::new(
-                "invalid_github_api_url",
+                ErrorCode::InvalidGithubApiUrl,
                 format!(
                     "GITHUB_API_URL must look like https://api.github.com or https://HOST/api/v3, not `{api_url}`"
                 ),
@@ -179,13 +180,13 @@ impl GithubForge {
         let token = config.token.trim().to_owned();
         if token.is_empty() {
             return Err(ForgeError::new(
-                "github_token_missing",
+                ErrorCode::GithubTokenMissing,
                 "GITHUB_TOKEN is empty",
             ));
         }
         if api_url.parse::<axum::http::Uri>().is_err() {
             return Err(ForgeError::new(
-                "invalid_github_api_url",
+                ErrorCode::InvalidGithubApiUrl,
                 format!("GITHUB_API_URL `{api_url}` is not a valid base URI"),
             ));
         }
@@ -200,7 +201,7 @@ impl GithubForge {
             // Surface client set-up problems (e.g. no CA roots) at start-up.
             forge
                 .crab()
-                .map_err(|f| ForgeError::new("github_client_failed", f.message))?;
+                .map_err(|f| ForgeError::new(ErrorCode::GithubClientFailed, f.message))?;
         }
         Ok(forge)
     }
@@ -270,7 +271,7 @@ impl GithubForge {
     fn fail(&self, failure: Failure, ctx: &Ctx) -> ForgeError {
         let mut err = failure.into_forge_error(ctx);
         err.message = self.scrub(&err.message);
-        tracing::warn!(code = err.code, repo = %ctx.repo, action = ctx.action, "github: {}", err.message);
+        tracing::warn!(code = %err.code, repo = %ctx.repo, action = ctx.action, "github: {}", err.message);
         err
     }
 
@@ -329,7 +330,7 @@ impl GithubForge {
             .map(|o| o.login.clone())
             .ok_or_else(|| {
                 ForgeError::new(
-                    "github_bad_response",
+                    ErrorCode::GithubBadResponse,
                     format!("GitHub's answer to forking {upstream} names no owner"),
                 )
             })?;
@@ -360,7 +361,7 @@ impl GithubForge {
             }
             if tokio::time::Instant::now() + self.fork_poll > deadline {
                 return Err(ForgeError {
-                    code: "fork_not_ready",
+                    code: ErrorCode::ForkNotReady,
                     message: format!(
                         "the fork {} of {upstream} was not ready after {} seconds; try again later",
                         target.full_name(),
@@ -569,7 +570,7 @@ impl GithubForge {
             // Branches point at commits; anything else is someone else's ref.
             _ => {
                 return Err(ForgeError::new(
-                    "branch_exists",
+                    ErrorCode::BranchExists,
                     format!(
                         "`refs/heads/{branch}` already exists on {} and does not point at a commit",
                         target.full_name()
@@ -596,7 +597,7 @@ impl GithubForge {
             return Ok(sha);
         }
         Err(ForgeError::new(
-            "branch_exists",
+            ErrorCode::BranchExists,
             format!(
                 "branch `{branch}` already exists on {} with different content; choose another branch name",
                 target.full_name()
@@ -609,7 +610,7 @@ fn remote(repo: &RepoRef) -> Result<(&str, &str), ForgeError> {
     match repo {
         RepoRef::Remote { owner, name, .. } => Ok((owner, name)),
         RepoRef::Local { .. } => Err(ForgeError::new(
-            "unsupported_repo",
+            ErrorCode::UnsupportedRepo,
             "the github forge only handles GitHub repositories",
         )),
     }
@@ -646,7 +647,7 @@ fn check_branch(branch: &str) -> Result<(), ForgeError> {
         Ok(())
     } else {
         Err(ForgeError::new(
-            "invalid_branch",
+            ErrorCode::InvalidBranch,
             format!(
                 "`{branch}` is not a valid branch name (use letters, digits, `-`, `_`, `.` and `/`)"
             ),
@@ -673,15 +674,25 @@ impl Forge for GithubForge {
             .await?;
         if meta.archived == Some(true) {
             return Err(ForgeError::new(
-                "github_repo_archived",
+                ErrorCode::GithubRepoArchived,
                 format!("{full} is archived on GitHub, so no branch or pull request can be added"),
+            ));
+        }
+        // The sandbox clones without credentials (the token never enters it), so a private
+        // repository would fail only at the clone, after the sandbox is paid for: refuse it now.
+        if meta.private == Some(true) {
+            return Err(ForgeError::new(
+                ErrorCode::PrivateRepository,
+                format!(
+                    "{full} is private; Tiny Backspace clones without credentials inside the sandbox, so private repositories are not supported yet"
+                ),
             ));
         }
         let branch = match base_branch {
             Some(b) => b.to_owned(),
             None => meta.default_branch.clone().ok_or_else(|| {
                 ForgeError::new(
-                    "github_empty_repository",
+                    ErrorCode::GithubEmptyRepository,
                     format!("{full} has no default branch (is it empty?); pass baseBranch"),
                 )
             })?,
@@ -696,13 +707,13 @@ impl Forge for GithubForge {
             Ok(head) => head,
             Err(f) if f.status() == Some(404) => {
                 return Err(ForgeError::new(
-                    "base_branch_not_found",
+                    ErrorCode::BaseBranchNotFound,
                     format!("branch `{branch}` does not exist in {full}"),
                 ));
             }
             Err(f) if f.status() == Some(409) => {
                 return Err(ForgeError::new(
-                    "github_empty_repository",
+                    ErrorCode::GithubEmptyRepository,
                     format!(
                         "{full} is empty (GitHub: \"{}\"); push a first commit",
                         f.message
@@ -716,7 +727,7 @@ impl Forge for GithubForge {
             // `Object` is non-exhaustive.
             _ => {
                 return Err(ForgeError::new(
-                    "base_branch_not_found",
+                    ErrorCode::BaseBranchNotFound,
                     format!("`{branch}` in {full} does not point at a commit"),
                 ));
             }
@@ -753,13 +764,13 @@ impl Forge for GithubForge {
         check_branch(branch)?;
         if change.files.is_empty() {
             return Err(ForgeError::new(
-                "empty_change",
+                ErrorCode::EmptyChange,
                 "there is nothing to commit",
             ));
         }
         let base_branch = info.base_branch.as_deref().ok_or_else(|| {
             ForgeError::new(
-                "base_branch_not_found",
+                ErrorCode::BaseBranchNotFound,
                 "no base branch is known; run prepare first",
             )
         })?;
@@ -767,7 +778,7 @@ impl Forge for GithubForge {
             PublishMode::Push => false,
             PublishMode::Fork => true,
             PublishMode::Skip(why) => {
-                return Err(ForgeError::new("publish_disabled", why.clone()));
+                return Err(ForgeError::new(ErrorCode::PublishDisabled, why.clone()));
             }
         };
         let message = self.scrub(message);
@@ -784,7 +795,7 @@ impl Forge for GithubForge {
                     Err(fork_err) => match refused.take() {
                         Some((f, ctx)) if !fork_err.retryable => {
                             tracing::info!(
-                                code = fork_err.code,
+                                code = %fork_err.code,
                                 "github: fork fallback failed: {}",
                                 fork_err.message
                             );
@@ -845,7 +856,7 @@ impl Forge for GithubForge {
         let full = format!("{owner}/{name}");
         let base = info.base_branch.as_deref().ok_or_else(|| {
             ForgeError::new(
-                "base_branch_not_found",
+                ErrorCode::BaseBranchNotFound,
                 "no base branch is known; run prepare first",
             )
         })?;
@@ -897,7 +908,7 @@ impl Forge for GithubForge {
                     .await?;
                 page.items.into_iter().next().ok_or_else(|| {
                     ForgeError::new(
-                        "github_validation_failed",
+                        ErrorCode::GithubValidationFailed,
                         format!(
                             "GitHub says a pull request already exists for {head} on {full}, but none is open"
                         ),
