@@ -935,6 +935,37 @@ async fn openai_broken_streams() {
     }
 }
 
+/// Some compatible servers report an error as `{"error": "some text"}`: the text is the message,
+/// streamed or not.
+#[tokio::test]
+async fn openai_errors_given_as_a_bare_string_keep_their_text() {
+    let mut got = Vec::new();
+    let mut want = Vec::new();
+    for api in APIS {
+        for stream in [true, false] {
+            let fake = FakeOpenAi::start().await;
+            fake.ignore_stream(!stream);
+            fake.push([Reply::BareError {
+                turn: ScriptedTurn::text("Hello there"),
+                after: 2,
+                message: "upstream overloaded".into(),
+            }]);
+            let outcome = openai(&fake, api)
+                .complete(&transcript(), &tools(), &Deltas::default())
+                .await
+                .map_err(|e| (e.kind, e.status, e.message));
+            got.push((api, stream, outcome));
+            let error = (
+                FailureKind::Retryable,
+                None,
+                "openai stream error: upstream overloaded".to_owned(),
+            );
+            want.push((api, stream, Err(error)));
+        }
+    }
+    assert_eq!(got, want);
+}
+
 #[tokio::test]
 async fn openai_auto_uses_chat_for_other_servers() {
     let fake = FakeOpenAi::start().await;

@@ -253,7 +253,7 @@ impl Provider for OpenAiProvider {
             }
             (OpenAiApi::Responses | OpenAiApi::Auto, false) => {
                 let body = sse::json_body(response, NAME).await?;
-                if let Some(error) = body.get("error").filter(|e| e.is_object()) {
+                if let Some(error) = body_error(&body) {
                     return Err(stream_error(error));
                 }
                 for item in body
@@ -274,14 +274,15 @@ impl Provider for OpenAiProvider {
 
 /// `type/code: message` from an OpenAI error body.
 fn describe_error(body: &Value) -> Option<String> {
-    let error = body.get("error")?;
-    if let Some(message) = error.as_str() {
-        return Some(message.to_owned());
-    }
-    Some(describe_error_object(error))
+    body.get("error").map(describe)
 }
 
-fn describe_error_object(error: &Value) -> String {
+/// `type/code: message` from an error object, or the error itself when a compatible server sent
+/// a bare string.
+fn describe(error: &Value) -> String {
+    if let Some(message) = error.as_str() {
+        return message.to_owned();
+    }
     let field = |name: &str| error.get(name).and_then(Value::as_str);
     let message = field("message").unwrap_or("");
     match (field("type"), field("code")) {
@@ -289,6 +290,12 @@ fn describe_error_object(error: &Value) -> String {
         (Some(k), _) | (None, Some(k)) => format!("{k}: {message}"),
         (None, None) => message.to_owned(),
     }
+}
+
+/// The error a 200 JSON body reports instead of a result: an object, or a bare string from
+/// some compatible servers (`null` is how a successful Response says "no error").
+fn body_error(body: &Value) -> Option<&Value> {
+    body.get("error").filter(|e| e.is_object() || e.is_string())
 }
 
 /// An error reported inside a 200 response (a chat chunk `{"error": …}`, a Responses `error`
@@ -306,6 +313,11 @@ fn stream_error(error: &Value) -> ProviderError {
         "invalid_prompt",
     ];
     let fatal = final_codes.contains(&field("code")) || final_codes.contains(&field("type"));
+    // An error that says nothing readable is shown as sent rather than as an empty message.
+    let description = match describe(error) {
+        text if text.trim().is_empty() => error.to_string(),
+        text => text,
+    };
     ProviderError {
         kind: if fatal {
             FailureKind::Fallback
@@ -313,7 +325,7 @@ fn stream_error(error: &Value) -> ProviderError {
             FailureKind::Retryable
         },
         status: None,
-        message: format!("{NAME} stream error: {}", describe_error_object(error)),
+        message: format!("{NAME} stream error: {description}"),
         retry_after: None,
     }
 }
@@ -603,7 +615,7 @@ async fn read_chat_stream(
 }
 
 fn chat_turn_from_completion(body: &Value, sink: &dyn TextSink) -> Result<Turn, ProviderError> {
-    if let Some(error) = body.get("error").filter(|e| e.is_object()) {
+    if let Some(error) = body_error(body) {
         return Err(stream_error(error));
     }
     let choice = body
