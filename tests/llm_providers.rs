@@ -469,6 +469,36 @@ async fn anthropic_broken_streams_are_retryable() {
     assert_eq!(invalid.kind, FailureKind::Fallback);
 }
 
+/// A compatible server's `{"type": "error", "error": "some text"}`: the text is the message,
+/// streamed or not.
+#[tokio::test]
+async fn anthropic_errors_given_as_a_bare_string_keep_their_text() {
+    let mut got = Vec::new();
+    for stream in [true, false] {
+        let fake = FakeAnthropic::start().await;
+        fake.ignore_stream(!stream);
+        fake.push([Reply::BareError {
+            turn: ScriptedTurn::text("Hello there"),
+            after: 4,
+            message: "upstream overloaded".into(),
+        }]);
+        let e = anthropic(&fake)
+            .complete(&transcript(), &tools(), &Deltas::default())
+            .await
+            .unwrap_err();
+        got.push((stream, e.kind, e.status, e.message));
+    }
+    let want = |stream| {
+        (
+            stream,
+            FailureKind::Retryable,
+            None,
+            "anthropic stream error: upstream overloaded".to_owned(),
+        )
+    };
+    assert_eq!(got, [want(true), want(false)]);
+}
+
 #[tokio::test]
 async fn anthropic_a_silent_stream_times_out_as_retryable() {
     let fake = FakeAnthropic::start().await;

@@ -204,12 +204,18 @@ fn retry_transport(error: &reqwest::Error) -> ProviderError {
     super::retry::transport_error(NAME, error)
 }
 
-/// `error.type: error.message (request_id)` from an Anthropic error body.
+/// `error.type: error.message (request_id)` from an Anthropic error body; the error itself when a
+/// compatible server sent it as a bare string.
 fn describe_error(body: &Value) -> Option<String> {
     let error = body.get("error")?;
-    let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
-    let message = error.get("message").and_then(Value::as_str).unwrap_or("");
-    let mut out = format!("{kind}: {message}");
+    let mut out = match error.as_str() {
+        Some(message) => message.to_owned(),
+        None => {
+            let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+            format!("{kind}: {message}")
+        }
+    };
     if let Some(id) = body.get("request_id").and_then(Value::as_str) {
         out.push_str(&format!(" (request_id {id})"));
     }
