@@ -250,10 +250,11 @@ fn error_event(data: &Value) -> ProviderError {
     }
 }
 
-/// A content block being assembled from stream events.
+/// A content block being assembled from stream events. Deltas grow its strings in place.
 struct BlockInProgress {
     value: Value,
-    /// Concatenated `input_json_delta`s, parsed into `input` when the block stops.
+    /// Concatenated `input_json_delta`s, parsed into `input` when the block stops (the pieces
+    /// are not JSON on their own).
     json: Option<String>,
     /// Arguments that were not valid JSON.
     raw_arguments: Option<String>,
@@ -265,11 +266,8 @@ impl BlockInProgress {
             return;
         };
         let (input, raw) = sse::parse_arguments(&json);
-        if raw.is_some() {
-            self.value["input"] = json!({});
-        } else {
-            self.value["input"] = input;
-        }
+        let input = if raw.is_some() { json!({}) } else { input };
+        set(&mut self.value, "input", input);
         self.raw_arguments = raw;
     }
 }
@@ -397,15 +395,6 @@ impl sse::TurnParser for MessageStream {
 
 /// Applies one `content_block_delta` to the block it belongs to; returns the text to show.
 fn apply_delta(block: &mut BlockInProgress, delta: &Value) -> Option<String> {
-    let append = |value: &mut Value, field: &str, piece: &str| {
-        let mut current = value
-            .get(field)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        current.push_str(piece);
-        value[field] = Value::String(current);
-    };
     let piece = |field: &str| delta.get(field).and_then(Value::as_str).unwrap_or("");
     match delta.get("type").and_then(Value::as_str) {
         Some("text_delta") => {
@@ -429,7 +418,7 @@ fn apply_delta(block: &mut BlockInProgress, delta: &Value) -> Option<String> {
                     .and_then(Value::as_array_mut)
                 {
                     Some(list) => list.push(citation.clone()),
-                    None => block.value["citations"] = json!([citation]),
+                    None => set(&mut block.value, "citations", json!([citation])),
                 }
             }
         }
@@ -437,6 +426,23 @@ fn apply_delta(block: &mut BlockInProgress, delta: &Value) -> Option<String> {
         _ => {}
     }
     None
+}
+
+/// Appends `piece` to the string `field` of `block` where it lies. Rebuilding the string instead
+/// would copy everything received so far on every delta: quadratic in a long block.
+fn append(block: &mut Value, field: &str, piece: &str) {
+    match block.get_mut(field) {
+        Some(Value::String(text)) => text.push_str(piece),
+        _ => set(block, field, Value::String(piece.to_owned())),
+    }
+}
+
+/// Sets `field` of a block. A block that is not an object (a broken stream) is left as it came:
+/// indexing would panic.
+fn set(block: &mut Value, field: &str, value: Value) {
+    if let Some(block) = block.as_object_mut() {
+        block.insert(field.to_owned(), value);
+    }
 }
 
 fn text_of(block: &Value) -> Option<&str> {
@@ -1003,6 +1009,78 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    /// Long turns arrive as tens of thousands of deltas; each must cost only its own length.
+    #[test]
+    fn many_deltas_accumulate_exactly() {
+        use sse::TurnParser;
+        const DELTAS: usize = 50_000;
+        let numbered = |i: usize| format!("{i:05} ");
+        let start = |index: usize, block: &str| {
+            let data = format!(
+                r#"{{"type":"content_block_start","index":{index},"content_block":{block}}}"#
+            );
+            ("content_block_start", data)
+        };
+        let delta = |index: usize, kind: &str, field: &str, piece: &str| {
+            let data = format!(
+                r#"{{"type":"content_block_delta","index":{index},"delta":{{"type":"{kind}","{field}":{}}}}}"#,
+                Value::from(piece)
+            );
+            ("content_block_delta", data)
+        };
+        let mut stream = MessageStream::default();
+        let mut feed = |(event, data): (&str, String)| stream.feed(event, &data).unwrap();
+
+        feed(start(
+            0,
+            r#"{"type":"thinking","thinking":"","signature":""}"#,
+        ));
+        for i in 0..DELTAS {
+            feed(delta(0, "thinking_delta", "thinking", &numbered(i)));
+        }
+        feed(start(1, r#"{"type":"text","text":""}"#));
+        let shown: Vec<Fed> = (0..DELTAS)
+            .map(|i| feed(delta(1, "text_delta", "text", &numbered(i))))
+            .collect();
+        feed(start(
+            2,
+            r#"{"type":"tool_use","id":"toolu_1","name":"write_file","input":{}}"#,
+        ));
+        for i in 0..DELTAS {
+            let piece = match i {
+                0 => r#"{"lines": ["00000""#.to_owned(),
+                _ => format!(r#", "{i:05}""#),
+            };
+            feed(delta(2, "input_json_delta", "partial_json", &piece));
+        }
+        feed(delta(2, "input_json_delta", "partial_json", "]}"));
+        let stop = r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"}}"#;
+        feed(("message_delta", stop.to_owned()));
+        let end = feed(("message_stop", r#"{"type":"message_stop"}"#.to_owned()));
+        assert_eq!(end, Fed::End);
+
+        let text: String = (0..DELTAS).map(numbered).collect();
+        let lines: Vec<String> = (0..DELTAS).map(|i| format!("{i:05}")).collect();
+        // The plain assertion: a character diff of two 300 KB strings would help no one.
+        std::assert_eq!(
+            stream.finish().unwrap(),
+            Turn {
+                content: vec![
+                    Part::Opaque {
+                        provider: NAME.into(),
+                        value: json!({"type": "thinking", "thinking": text, "signature": ""}),
+                    },
+                    Part::Text { text: text.clone() },
+                    call("toolu_1", "write_file", json!({ "lines": lines })),
+                ],
+                stop: StopReason::ToolUse,
+                usage: TokenUsage::default(),
+            }
+        );
+        let want: Vec<Fed> = (0..DELTAS).map(|i| Fed::Text(numbered(i))).collect();
+        std::assert_eq!(shown, want, "every text delta is shown once, in order");
     }
 
     #[test]
