@@ -642,6 +642,7 @@ fn wire_messages(transcript: &Transcript) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::sse::testing::{Failure, broken_call, call, text, usage};
     use crate::agent::transcript::Message;
     use pretty_assertions::assert_eq;
 
@@ -778,30 +779,8 @@ mod tests {
         };
     }
 
-    fn read(sse: &str) -> (Result<Turn, ProviderError>, Vec<String>) {
+    fn read(sse: &str) -> (Result<Turn, Failure>, Vec<String>) {
         sse::testing::read(MessageStream::default(), sse)
-    }
-
-    fn failure(
-        result: Result<Turn, ProviderError>,
-    ) -> Result<Turn, (FailureKind, Option<u16>, String)> {
-        result.map_err(|e| (e.kind, e.status, e.message))
-    }
-
-    fn call(id: &str, name: &str, arguments: Value) -> Part {
-        Part::ToolCall {
-            id: id.into(),
-            name: name.into(),
-            arguments,
-            raw_arguments: None,
-        }
-    }
-
-    fn usage(input_tokens: u64, output_tokens: u64) -> TokenUsage {
-        TokenUsage {
-            input_tokens,
-            output_tokens,
-        }
     }
 
     #[test]
@@ -810,9 +789,9 @@ mod tests {
         assert_eq!(
             turn.unwrap(),
             Turn {
-                content: vec![Part::Text {
-                    text: "The docstring is in place — `main()` now says what it does.".into()
-                }],
+                content: vec![text(
+                    "The docstring is in place — `main()` now says what it does."
+                )],
                 stop: StopReason::EndTurn,
                 usage: usage(472, 19),
             }
@@ -834,9 +813,7 @@ mod tests {
             turn.unwrap(),
             Turn {
                 content: vec![
-                    Part::Text {
-                        text: "I'll fix the greeting.".into()
-                    },
+                    text("I'll fix the greeting."),
                     call(
                         "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
                         "edit_file",
@@ -862,12 +839,7 @@ mod tests {
                     call("toolu_01", "read_file", json!({"path": "main.py"})),
                     // No input deltas at all means no arguments.
                     call("toolu_02", "list_files", json!({})),
-                    Part::ToolCall {
-                        id: "toolu_03".into(),
-                        name: "edit_file".into(),
-                        arguments: Value::Null,
-                        raw_arguments: Some(r#"{"path": "main.py", "old_s"#.into()),
-                    },
+                    broken_call("toolu_03", "edit_file", r#"{"path": "main.py", "old_s"#),
                 ],
                 stop: StopReason::ToolUse,
                 usage: usage(310, 61),
@@ -894,9 +866,7 @@ mod tests {
                         value: json!({"type": "redacted_thinking",
                             "data": "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP"}),
                     },
-                    Part::Text {
-                        text: "Reading main.py.".into()
-                    },
+                    text("Reading main.py."),
                 ],
                 stop: StopReason::EndTurn,
                 usage: usage(88, 40),
@@ -925,12 +895,11 @@ mod tests {
         assert_eq!(
             turn.unwrap(),
             Turn {
-                content: vec![Part::ToolCall {
-                    id: "toolu_cut".into(),
-                    name: "write_file".into(),
-                    arguments: Value::Null,
-                    raw_arguments: Some(r#"{"path": "big.txt", "content": "line 1\nline"#.into()),
-                }],
+                content: vec![broken_call(
+                    "toolu_cut",
+                    "write_file",
+                    r#"{"path": "big.txt", "content": "line 1\nline"#
+                )],
                 stop: StopReason::MaxTokens,
                 // `message_delta` may repeat the input counts; the latest win.
                 usage: usage(900 + 100, 32000),
@@ -942,7 +911,7 @@ mod tests {
     fn stream_errors() {
         let (turn, deltas) = read(fixture!("overloaded.sse"));
         assert_eq!(
-            failure(turn),
+            turn,
             Err((
                 FailureKind::Retryable,
                 Some(529),
@@ -955,7 +924,7 @@ mod tests {
 
         let bare = "event: error\ndata: {\"type\":\"error\",\"error\":\"upstream overloaded\"}\n\n";
         assert_eq!(
-            failure(read(bare).0),
+            read(bare).0,
             Err((
                 FailureKind::Retryable,
                 None,
@@ -966,7 +935,7 @@ mod tests {
         let invalid = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\
                        \"invalid_request_error\",\"message\":\"prompt is too long\"}}\n\n";
         assert_eq!(
-            failure(read(invalid).0),
+            read(invalid).0,
             Err((
                 FailureKind::Fallback,
                 Some(400),
@@ -979,7 +948,7 @@ mod tests {
     fn streams_that_end_early_or_garbled_are_retryable() {
         let (turn, deltas) = read(fixture!("cut.sse"));
         assert_eq!(
-            failure(turn),
+            turn,
             Err((
                 FailureKind::Retryable,
                 None,
@@ -991,7 +960,7 @@ mod tests {
         // Without an `event:` line the event is a `message`, which the SDKs skip.
         let unnamed = "data: {\"type\":\"message_stop\"}\n\n";
         assert_eq!(
-            failure(read(unnamed).0),
+            read(unnamed).0,
             Err((
                 FailureKind::Retryable,
                 None,
@@ -1000,14 +969,11 @@ mod tests {
         );
 
         let (turn, _) = read("event: content_block_delta\ndata: {\"index\": 0,\n\n");
-        let error = turn.unwrap_err();
-        assert_eq!(error.kind, FailureKind::Retryable);
+        let (kind, status, message) = turn.unwrap_err();
+        assert_eq!((kind, status), (FailureKind::Retryable, None));
         assert!(
-            error
-                .message
-                .starts_with("anthropic: malformed content_block_delta event: "),
-            "{}",
-            error.message
+            message.starts_with("anthropic: malformed content_block_delta event: "),
+            "{message}"
         );
     }
 

@@ -106,14 +106,6 @@ pub(crate) async fn read_turn(
     .await
 }
 
-/// The events of a streaming response.
-pub(crate) fn events(
-    response: reqwest::Response,
-    provider: &'static str,
-) -> impl Stream<Item = Result<Event, ProviderError>> + Unpin {
-    decode(response.bytes_stream(), provider)
-}
-
 /// Feeds `events` to `parser` until it has the turn. A broken stream is an error at once, even
 /// when what came before would have been enough.
 async fn fold<P: TurnParser>(
@@ -227,12 +219,18 @@ pub(crate) fn parse_arguments(raw: &str) -> (serde_json::Value, Option<String>) 
     }
 }
 
-/// Runs parsers over raw SSE text, the way a response body would feed them.
+/// What the providers' parser tests share: raw SSE text run through a parser the way a response
+/// body would feed it, and builders for the values they compare.
 #[cfg(test)]
 pub(crate) mod testing {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::agent::provider::{FailureKind, TokenUsage};
+    use crate::agent::transcript::Part;
+
+    /// A [`ProviderError`] as a value a test can compare whole.
+    pub(crate) type Failure = (FailureKind, Option<u16>, String);
 
     /// Bytes per read: small and odd, so events, lines and UTF-8 characters arrive split.
     const READ_SIZE: usize = 13;
@@ -249,10 +247,7 @@ pub(crate) mod testing {
     }
 
     /// The turn (or error) `parser` makes of `sse`, and the text deltas it streamed, in order.
-    pub(crate) fn read(
-        parser: impl TurnParser,
-        sse: &str,
-    ) -> (Result<Turn, ProviderError>, Vec<String>) {
+    pub(crate) fn read(parser: impl TurnParser, sse: &str) -> (Result<Turn, Failure>, Vec<String>) {
         let reads = sse
             .as_bytes()
             .chunks(READ_SIZE)
@@ -264,7 +259,39 @@ pub(crate) mod testing {
             parser,
             &sink,
         ));
+        let turn = turn.map_err(|e| (e.kind, e.status, e.message));
         (turn, sink.0.into_inner().unwrap_or_default())
+    }
+
+    /// A tool call whose arguments parsed.
+    pub(crate) fn call(id: &str, name: &str, arguments: serde_json::Value) -> Part {
+        Part::ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments,
+            raw_arguments: None,
+        }
+    }
+
+    /// A tool call whose arguments are not JSON.
+    pub(crate) fn broken_call(id: &str, name: &str, raw: &str) -> Part {
+        Part::ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments: serde_json::Value::Null,
+            raw_arguments: Some(raw.into()),
+        }
+    }
+
+    pub(crate) fn text(text: &str) -> Part {
+        Part::Text { text: text.into() }
+    }
+
+    pub(crate) fn usage(input_tokens: u64, output_tokens: u64) -> TokenUsage {
+        TokenUsage {
+            input_tokens,
+            output_tokens,
+        }
     }
 }
 
