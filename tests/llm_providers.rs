@@ -469,6 +469,36 @@ async fn anthropic_broken_streams_are_retryable() {
     assert_eq!(invalid.kind, FailureKind::Fallback);
 }
 
+/// A compatible server's `{"type": "error", "error": "some text"}`: the text is the message,
+/// streamed or not.
+#[tokio::test]
+async fn anthropic_errors_given_as_a_bare_string_keep_their_text() {
+    let mut got = Vec::new();
+    for stream in [true, false] {
+        let fake = FakeAnthropic::start().await;
+        fake.ignore_stream(!stream);
+        fake.push([Reply::BareError {
+            turn: ScriptedTurn::text("Hello there"),
+            after: 4,
+            message: "upstream overloaded".into(),
+        }]);
+        let e = anthropic(&fake)
+            .complete(&transcript(), &tools(), &Deltas::default())
+            .await
+            .unwrap_err();
+        got.push((stream, e.kind, e.status, e.message));
+    }
+    let want = |stream| {
+        (
+            stream,
+            FailureKind::Retryable,
+            None,
+            "anthropic stream error: upstream overloaded".to_owned(),
+        )
+    };
+    assert_eq!(got, [want(true), want(false)]);
+}
+
 #[tokio::test]
 async fn anthropic_a_silent_stream_times_out_as_retryable() {
     let fake = FakeAnthropic::start().await;
@@ -933,6 +963,37 @@ async fn openai_broken_streams() {
         .await;
         assert_eq!(e.kind, FailureKind::Fallback, "{api:?}: {}", e.message);
     }
+}
+
+/// Some compatible servers report an error as `{"error": "some text"}`: the text is the message,
+/// streamed or not.
+#[tokio::test]
+async fn openai_errors_given_as_a_bare_string_keep_their_text() {
+    let mut got = Vec::new();
+    let mut want = Vec::new();
+    for api in APIS {
+        for stream in [true, false] {
+            let fake = FakeOpenAi::start().await;
+            fake.ignore_stream(!stream);
+            fake.push([Reply::BareError {
+                turn: ScriptedTurn::text("Hello there"),
+                after: 2,
+                message: "upstream overloaded".into(),
+            }]);
+            let outcome = openai(&fake, api)
+                .complete(&transcript(), &tools(), &Deltas::default())
+                .await
+                .map_err(|e| (e.kind, e.status, e.message));
+            got.push((api, stream, outcome));
+            let error = (
+                FailureKind::Retryable,
+                None,
+                "openai stream error: upstream overloaded".to_owned(),
+            );
+            want.push((api, stream, Err(error)));
+        }
+    }
+    assert_eq!(got, want);
 }
 
 #[tokio::test]

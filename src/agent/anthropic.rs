@@ -12,14 +12,13 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use reqwest::header::HeaderValue;
 use serde_json::{Map, Value, json};
 
 use super::provider::{
     FailureKind, Provider, ProviderError, StopReason, TextSink, TokenUsage, ToolSpec, Turn,
 };
-use super::sse;
+use super::sse::{self, Fed};
 use super::transcript::{Part, Role, Transcript};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -176,7 +175,7 @@ impl Provider for AnthropicProvider {
             return Err(sse::http_error(response, NAME, &self.secret, describe_error).await);
         }
         if sse::is_event_stream(&response) {
-            read_stream(response, text).await
+            sse::read_turn(response, NAME, MessageStream::default(), text).await
         } else {
             let message = sse::json_body(response, NAME).await?;
             if message.get("type").and_then(Value::as_str) == Some("error") {
@@ -204,12 +203,18 @@ fn retry_transport(error: &reqwest::Error) -> ProviderError {
     super::retry::transport_error(NAME, error)
 }
 
-/// `error.type: error.message (request_id)` from an Anthropic error body.
+/// `error.type: error.message (request_id)` from an Anthropic error body; the error itself when a
+/// compatible server sent it as a bare string.
 fn describe_error(body: &Value) -> Option<String> {
     let error = body.get("error")?;
-    let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
-    let message = error.get("message").and_then(Value::as_str).unwrap_or("");
-    let mut out = format!("{kind}: {message}");
+    let mut out = match error.as_str() {
+        Some(message) => message.to_owned(),
+        None => {
+            let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+            format!("{kind}: {message}")
+        }
+    };
     if let Some(id) = body.get("request_id").and_then(Value::as_str) {
         out.push_str(&format!(" (request_id {id})"));
     }
@@ -245,10 +250,11 @@ fn error_event(data: &Value) -> ProviderError {
     }
 }
 
-/// A content block being assembled from stream events.
+/// A content block being assembled from stream events. Deltas grow its strings in place.
 struct BlockInProgress {
     value: Value,
-    /// Concatenated `input_json_delta`s, parsed into `input` when the block stops.
+    /// Concatenated `input_json_delta`s, parsed into `input` when the block stops (the pieces
+    /// are not JSON on their own).
     json: Option<String>,
     /// Arguments that were not valid JSON.
     raw_arguments: Option<String>,
@@ -260,62 +266,73 @@ impl BlockInProgress {
             return;
         };
         let (input, raw) = sse::parse_arguments(&json);
-        if raw.is_some() {
-            self.value["input"] = json!({});
-        } else {
-            self.value["input"] = input;
-        }
+        let input = if raw.is_some() { json!({}) } else { input };
+        set(&mut self.value, "input", input);
         self.raw_arguments = raw;
     }
 }
 
-/// Folds the named events of a streamed message into a turn.
-async fn read_stream(
-    response: reqwest::Response,
-    sink: &dyn TextSink,
-) -> Result<Turn, ProviderError> {
-    let mut events = sse::events(response, NAME);
-    let mut blocks: BTreeMap<u64, BlockInProgress> = BTreeMap::new();
-    let mut stop_reason: Option<String> = None;
-    let mut usage = TokenUsage::default();
-    let mut finished = false;
-    while let Some(event) = events.next().await {
-        let event = event?;
-        // The SDKs skip events without an `event:` line (named "message" by the parser), pings,
-        // and any event type they do not know; so do we.
-        let known = matches!(
-            event.event.as_str(),
-            "message_start"
-                | "content_block_start"
-                | "content_block_delta"
-                | "content_block_stop"
-                | "message_delta"
-                | "message_stop"
-                | "error"
-        );
-        if !known {
-            continue;
+/// The stream events we act on. The SDKs skip events without an `event:` line (named `message`
+/// by the parser), pings, and any event type they do not know; so do we.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEvent {
+    MessageStart,
+    BlockStart,
+    BlockDelta,
+    BlockStop,
+    MessageDelta,
+    MessageStop,
+    Error,
+}
+
+impl StreamEvent {
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "message_start" => Some(Self::MessageStart),
+            "content_block_start" => Some(Self::BlockStart),
+            "content_block_delta" => Some(Self::BlockDelta),
+            "content_block_stop" => Some(Self::BlockStop),
+            "message_delta" => Some(Self::MessageDelta),
+            "message_stop" => Some(Self::MessageStop),
+            "error" => Some(Self::Error),
+            _ => None,
         }
-        let data: Value = serde_json::from_str(&event.data).map_err(|e| {
-            ProviderError::retryable(format!("{NAME}: malformed {} event: {e}", event.event))
+    }
+}
+
+/// Folds the named events of a streamed message into the blocks a non-streamed response would
+/// carry, then into a turn.
+#[derive(Default)]
+struct MessageStream {
+    blocks: BTreeMap<u64, BlockInProgress>,
+    stop_reason: Option<String>,
+    usage: TokenUsage,
+    finished: bool,
+}
+
+impl sse::TurnParser for MessageStream {
+    fn feed(&mut self, event: &str, data: &str) -> Result<Fed, ProviderError> {
+        let Some(kind) = StreamEvent::from_name(event) else {
+            return Ok(Fed::Nothing);
+        };
+        let data: Value = serde_json::from_str(data).map_err(|e| {
+            ProviderError::retryable(format!("{NAME}: malformed {event} event: {e}"))
         })?;
         let index = data.get("index").and_then(Value::as_u64);
-        match event.event.as_str() {
-            "message_start" => {
-                usage = usage_from(data.pointer("/message/usage"), usage);
+        match kind {
+            StreamEvent::MessageStart => {
+                self.usage = usage_from(data.pointer("/message/usage"), self.usage);
             }
-            "content_block_start" => {
+            StreamEvent::BlockStart => {
                 let (Some(index), Some(block)) = (index, data.get("content_block")) else {
-                    continue;
+                    return Ok(Fed::Nothing);
                 };
-                if let Some(t) = text_of(block).filter(|t| !t.is_empty()) {
-                    sink.text_delta(NAME, t);
-                }
+                let shown = text_of(block).filter(|t| !t.is_empty()).map(str::to_owned);
                 let takes_json = matches!(
                     block.get("type").and_then(Value::as_str),
                     Some("tool_use" | "server_tool_use")
                 );
-                blocks.insert(
+                self.blocks.insert(
                     index,
                     BlockInProgress {
                         value: block.clone(),
@@ -323,67 +340,67 @@ async fn read_stream(
                         raw_arguments: None,
                     },
                 );
+                return Ok(shown.map_or(Fed::Nothing, Fed::Text));
             }
-            "content_block_delta" => {
-                let (Some(block), Some(delta)) =
-                    (index.and_then(|i| blocks.get_mut(&i)), data.get("delta"))
-                else {
-                    continue;
+            StreamEvent::BlockDelta => {
+                let (Some(block), Some(delta)) = (
+                    index.and_then(|i| self.blocks.get_mut(&i)),
+                    data.get("delta"),
+                ) else {
+                    return Ok(Fed::Nothing);
                 };
-                apply_delta(block, delta, sink);
+                return Ok(apply_delta(block, delta).map_or(Fed::Nothing, Fed::Text));
             }
-            "content_block_stop" => {
-                if let Some(block) = index.and_then(|i| blocks.get_mut(&i)) {
+            StreamEvent::BlockStop => {
+                if let Some(block) = index.and_then(|i| self.blocks.get_mut(&i)) {
                     block.finish();
                 }
             }
-            "message_delta" => {
+            StreamEvent::MessageDelta => {
                 if let Some(reason) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
-                    stop_reason = Some(reason.to_owned());
+                    self.stop_reason = Some(reason.to_owned());
                 }
-                usage = usage_from(data.get("usage"), usage);
+                self.usage = usage_from(data.get("usage"), self.usage);
             }
-            "message_stop" => {
-                finished = true;
-                break;
+            StreamEvent::MessageStop => {
+                self.finished = true;
+                return Ok(Fed::End);
             }
-            _ => return Err(error_event(&data)),
+            StreamEvent::Error => return Err(error_event(&data)),
         }
+        Ok(Fed::Nothing)
     }
-    if !finished {
-        return Err(ProviderError::retryable(format!(
-            "{NAME}: the stream ended before message_stop"
-        )));
+
+    fn finish(self) -> Result<Turn, ProviderError> {
+        if !self.finished {
+            return Err(ProviderError::retryable(format!(
+                "{NAME}: the stream ended before message_stop"
+            )));
+        }
+        let blocks = self
+            .blocks
+            .into_values()
+            .map(|mut b| {
+                b.finish();
+                (b.value, b.raw_arguments)
+            })
+            .collect();
+        Ok(turn_from_blocks(
+            blocks,
+            self.stop_reason.as_deref(),
+            self.usage,
+        ))
     }
-    let blocks = blocks
-        .into_values()
-        .map(|mut b| {
-            b.finish();
-            (b.value, b.raw_arguments)
-        })
-        .collect();
-    Ok(turn_from_blocks(blocks, stop_reason.as_deref(), usage))
 }
 
-/// Applies one `content_block_delta` to the block it belongs to.
-fn apply_delta(block: &mut BlockInProgress, delta: &Value, sink: &dyn TextSink) {
-    let append = |value: &mut Value, field: &str, piece: &str| {
-        let mut current = value
-            .get(field)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        current.push_str(piece);
-        value[field] = Value::String(current);
-    };
+/// Applies one `content_block_delta` to the block it belongs to; returns the text to show.
+fn apply_delta(block: &mut BlockInProgress, delta: &Value) -> Option<String> {
     let piece = |field: &str| delta.get(field).and_then(Value::as_str).unwrap_or("");
     match delta.get("type").and_then(Value::as_str) {
         Some("text_delta") => {
             let text = piece("text");
-            if !text.is_empty() {
-                sink.text_delta(NAME, text);
-            }
             append(&mut block.value, "text", text);
+            return (!text.is_empty()).then(|| text.to_owned());
         }
         Some("input_json_delta") => {
             block
@@ -401,12 +418,30 @@ fn apply_delta(block: &mut BlockInProgress, delta: &Value, sink: &dyn TextSink) 
                     .and_then(Value::as_array_mut)
                 {
                     Some(list) => list.push(citation.clone()),
-                    None => block.value["citations"] = json!([citation]),
+                    None => set(&mut block.value, "citations", json!([citation])),
                 }
             }
         }
         // New delta types are allowed by the versioning policy; they cannot be applied blindly.
         _ => {}
+    }
+    None
+}
+
+/// Appends `piece` to the string `field` of `block` where it lies. Rebuilding the string instead
+/// would copy everything received so far on every delta: quadratic in a long block.
+fn append(block: &mut Value, field: &str, piece: &str) {
+    match block.get_mut(field) {
+        Some(Value::String(text)) => text.push_str(piece),
+        _ => set(block, field, Value::String(piece.to_owned())),
+    }
+}
+
+/// Sets `field` of a block. A block that is not an object (a broken stream) is left as it came:
+/// indexing would panic.
+fn set(block: &mut Value, field: &str, value: Value) {
+    if let Some(block) = block.as_object_mut() {
+        block.insert(field.to_owned(), value);
     }
 }
 
@@ -607,6 +642,7 @@ fn wire_messages(transcript: &Transcript) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::sse::testing::{Failure, broken_call, call, text, usage};
     use crate::agent::transcript::Message;
     use pretty_assertions::assert_eq;
 
@@ -730,6 +766,287 @@ mod tests {
                 ]},
             ])
         );
+    }
+
+    /// A recorded-style stream from `tests/fixtures/anthropic/`.
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/anthropic/",
+                $name
+            ))
+        };
+    }
+
+    fn read(sse: &str) -> (Result<Turn, Failure>, Vec<String>) {
+        sse::testing::read(MessageStream::default(), sse)
+    }
+
+    #[test]
+    fn stream_of_text() {
+        let (turn, deltas) = read(fixture!("text.sse"));
+        assert_eq!(
+            turn.unwrap(),
+            Turn {
+                content: vec![text(
+                    "The docstring is in place — `main()` now says what it does."
+                )],
+                stop: StopReason::EndTurn,
+                usage: usage(472, 19),
+            }
+        );
+        assert_eq!(
+            deltas,
+            [
+                "The docstring is ",
+                "in place — ",
+                "`main()` now says what it does."
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_of_a_tool_call_with_split_arguments() {
+        let (turn, deltas) = read(fixture!("tool_use.sse"));
+        assert_eq!(
+            turn.unwrap(),
+            Turn {
+                content: vec![
+                    text("I'll fix the greeting."),
+                    call(
+                        "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                        "edit_file",
+                        json!({"path": "main.py", "old_str": "print(\"hi\")",
+                               "new_str": "print(\"héllo\")\n"})
+                    ),
+                ],
+                stop: StopReason::ToolUse,
+                // Input counts include cache writes and reads.
+                usage: usage(1024 + 2048 + 4096, 89),
+            }
+        );
+        assert_eq!(deltas, ["I'll fix the ", "greeting."]);
+    }
+
+    #[test]
+    fn stream_of_parallel_tool_calls() {
+        let (turn, deltas) = read(fixture!("parallel_tool_use.sse"));
+        assert_eq!(
+            turn.unwrap(),
+            Turn {
+                content: vec![
+                    call("toolu_01", "read_file", json!({"path": "main.py"})),
+                    // No input deltas at all means no arguments.
+                    call("toolu_02", "list_files", json!({})),
+                    broken_call("toolu_03", "edit_file", r#"{"path": "main.py", "old_s"#),
+                ],
+                stop: StopReason::ToolUse,
+                usage: usage(310, 61),
+            }
+        );
+        assert_eq!(deltas, Vec::<String>::new());
+    }
+
+    #[test]
+    fn stream_with_thinking_keeps_opaque_blocks_and_skips_unknown_events() {
+        let (turn, deltas) = read(fixture!("thinking.sse"));
+        assert_eq!(
+            turn.unwrap(),
+            Turn {
+                content: vec![
+                    Part::Opaque {
+                        provider: NAME.into(),
+                        value: json!({"type": "thinking",
+                            "thinking": "The user wants a docstring. Read main.py first.",
+                            "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"}),
+                    },
+                    Part::Opaque {
+                        provider: NAME.into(),
+                        value: json!({"type": "redacted_thinking",
+                            "data": "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP"}),
+                    },
+                    text("Reading main.py."),
+                ],
+                stop: StopReason::EndTurn,
+                usage: usage(88, 40),
+            }
+        );
+        assert_eq!(deltas, ["Reading", " main.py."]);
+    }
+
+    #[test]
+    fn stream_of_a_refusal() {
+        let (turn, deltas) = read(fixture!("refusal.sse"));
+        assert_eq!(
+            turn.unwrap(),
+            Turn {
+                content: vec![],
+                stop: StopReason::Refusal,
+                usage: usage(52, 0),
+            }
+        );
+        assert_eq!(deltas, Vec::<String>::new());
+    }
+
+    #[test]
+    fn stream_cut_by_max_tokens_keeps_the_partial_arguments() {
+        let (turn, _) = read(fixture!("max_tokens.sse"));
+        assert_eq!(
+            turn.unwrap(),
+            Turn {
+                content: vec![broken_call(
+                    "toolu_cut",
+                    "write_file",
+                    r#"{"path": "big.txt", "content": "line 1\nline"#
+                )],
+                stop: StopReason::MaxTokens,
+                // `message_delta` may repeat the input counts; the latest win.
+                usage: usage(900 + 100, 32000),
+            }
+        );
+    }
+
+    #[test]
+    fn stream_errors() {
+        let (turn, deltas) = read(fixture!("overloaded.sse"));
+        assert_eq!(
+            turn,
+            Err((
+                FailureKind::Retryable,
+                Some(529),
+                "anthropic stream error: overloaded_error: Overloaded \
+                 (request_id req_011CSHoEeqs5C35K2UUqR7Fy)"
+                    .into()
+            ))
+        );
+        assert_eq!(deltas, ["Let me"]);
+
+        let bare = "event: error\ndata: {\"type\":\"error\",\"error\":\"upstream overloaded\"}\n\n";
+        assert_eq!(
+            read(bare).0,
+            Err((
+                FailureKind::Retryable,
+                None,
+                "anthropic stream error: upstream overloaded".into()
+            ))
+        );
+
+        let invalid = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\
+                       \"invalid_request_error\",\"message\":\"prompt is too long\"}}\n\n";
+        assert_eq!(
+            read(invalid).0,
+            Err((
+                FailureKind::Fallback,
+                Some(400),
+                "anthropic stream error: invalid_request_error: prompt is too long".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn streams_that_end_early_or_garbled_are_retryable() {
+        let (turn, deltas) = read(fixture!("cut.sse"));
+        assert_eq!(
+            turn,
+            Err((
+                FailureKind::Retryable,
+                None,
+                "anthropic: the stream ended before message_stop".into()
+            ))
+        );
+        assert_eq!(deltas, ["Let me look"]);
+
+        // Without an `event:` line the event is a `message`, which the SDKs skip.
+        let unnamed = "data: {\"type\":\"message_stop\"}\n\n";
+        assert_eq!(
+            read(unnamed).0,
+            Err((
+                FailureKind::Retryable,
+                None,
+                "anthropic: the stream ended before message_stop".into()
+            ))
+        );
+
+        let (turn, _) = read("event: content_block_delta\ndata: {\"index\": 0,\n\n");
+        let (kind, status, message) = turn.unwrap_err();
+        assert_eq!((kind, status), (FailureKind::Retryable, None));
+        assert!(
+            message.starts_with("anthropic: malformed content_block_delta event: "),
+            "{message}"
+        );
+    }
+
+    /// Long turns arrive as tens of thousands of deltas; each must cost only its own length.
+    #[test]
+    fn many_deltas_accumulate_exactly() {
+        use sse::TurnParser;
+        const DELTAS: usize = 50_000;
+        let numbered = |i: usize| format!("{i:05} ");
+        let start = |index: usize, block: &str| {
+            let data = format!(
+                r#"{{"type":"content_block_start","index":{index},"content_block":{block}}}"#
+            );
+            ("content_block_start", data)
+        };
+        let delta = |index: usize, kind: &str, field: &str, piece: &str| {
+            let data = format!(
+                r#"{{"type":"content_block_delta","index":{index},"delta":{{"type":"{kind}","{field}":{}}}}}"#,
+                Value::from(piece)
+            );
+            ("content_block_delta", data)
+        };
+        let mut stream = MessageStream::default();
+        let mut feed = |(event, data): (&str, String)| stream.feed(event, &data).unwrap();
+
+        feed(start(
+            0,
+            r#"{"type":"thinking","thinking":"","signature":""}"#,
+        ));
+        for i in 0..DELTAS {
+            feed(delta(0, "thinking_delta", "thinking", &numbered(i)));
+        }
+        feed(start(1, r#"{"type":"text","text":""}"#));
+        let shown: Vec<Fed> = (0..DELTAS)
+            .map(|i| feed(delta(1, "text_delta", "text", &numbered(i))))
+            .collect();
+        feed(start(
+            2,
+            r#"{"type":"tool_use","id":"toolu_1","name":"write_file","input":{}}"#,
+        ));
+        for i in 0..DELTAS {
+            let piece = match i {
+                0 => r#"{"lines": ["00000""#.to_owned(),
+                _ => format!(r#", "{i:05}""#),
+            };
+            feed(delta(2, "input_json_delta", "partial_json", &piece));
+        }
+        feed(delta(2, "input_json_delta", "partial_json", "]}"));
+        let stop = r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"}}"#;
+        feed(("message_delta", stop.to_owned()));
+        let end = feed(("message_stop", r#"{"type":"message_stop"}"#.to_owned()));
+        assert_eq!(end, Fed::End);
+
+        let text: String = (0..DELTAS).map(numbered).collect();
+        let lines: Vec<String> = (0..DELTAS).map(|i| format!("{i:05}")).collect();
+        // The plain assertion: a character diff of two 300 KB strings would help no one.
+        std::assert_eq!(
+            stream.finish().unwrap(),
+            Turn {
+                content: vec![
+                    Part::Opaque {
+                        provider: NAME.into(),
+                        value: json!({"type": "thinking", "thinking": text, "signature": ""}),
+                    },
+                    Part::Text { text: text.clone() },
+                    call("toolu_1", "write_file", json!({ "lines": lines })),
+                ],
+                stop: StopReason::ToolUse,
+                usage: TokenUsage::default(),
+            }
+        );
+        let want: Vec<Fed> = (0..DELTAS).map(|i| Fed::Text(numbered(i))).collect();
+        std::assert_eq!(shown, want, "every text delta is shown once, in order");
     }
 
     #[test]

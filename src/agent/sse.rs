@@ -1,5 +1,6 @@
-//! What the HTTP providers share: server-sent events off a streaming response, the HTTP client
-//! with its timeouts, bounded error bodies, and scrubbing the API key out of anything we report.
+//! What the HTTP providers share: server-sent events off a streaming response folded into a turn
+//! by a protocol's [`TurnParser`], the HTTP client with its timeouts, bounded error bodies, and
+//! scrubbing the API key out of anything we report.
 
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 
-use super::provider::ProviderError;
+use super::provider::{ProviderError, TextSink, Turn};
 use super::retry::{classify_http, transport_error};
 
 /// How long to wait for a TCP (and TLS) connection.
@@ -67,13 +68,70 @@ pub(crate) fn is_event_stream(response: &reqwest::Response) -> bool {
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
 }
 
-/// The events of a streaming response. A connection that breaks, or a read that times out,
-/// becomes a [`Retryable`](super::provider::FailureKind::Retryable) error.
-pub(crate) fn events(
+/// What one event did to the turn being assembled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fed {
+    /// Nothing the user sees; read on.
+    Nothing,
+    /// The model wrote this text; read on.
+    Text(String),
+    /// The protocol's closing event: stop reading.
+    End,
+}
+
+/// One wire protocol's event stream folded into a [`Turn`], an event at a time and with no I/O,
+/// so each protocol is tested on recorded streams and the reading lives in one place.
+pub(crate) trait TurnParser {
+    /// Applies one event: its `event:` name (`message` when the stream gave none) and `data:`.
+    fn feed(&mut self, event: &str, data: &str) -> Result<Fed, ProviderError>;
+
+    /// The turn, once [`Fed::End`] came or the events ran out; an error when the stream
+    /// stopped before the turn was complete.
+    fn finish(self) -> Result<Turn, ProviderError>;
+}
+
+/// Reads a streaming response into `parser`, handing text to `sink` as it arrives.
+pub(crate) async fn read_turn(
     response: reqwest::Response,
     provider: &'static str,
-) -> impl Stream<Item = Result<Event, ProviderError>> + Send + Unpin {
-    response.bytes_stream().eventsource().map(move |item| {
+    parser: impl TurnParser,
+    sink: &dyn TextSink,
+) -> Result<Turn, ProviderError> {
+    fold(
+        decode(response.bytes_stream(), provider),
+        provider,
+        parser,
+        sink,
+    )
+    .await
+}
+
+/// Feeds `events` to `parser` until it has the turn. A broken stream is an error at once, even
+/// when what came before would have been enough.
+async fn fold<P: TurnParser>(
+    mut events: impl Stream<Item = Result<Event, ProviderError>> + Unpin,
+    provider: &str,
+    mut parser: P,
+    sink: &dyn TextSink,
+) -> Result<Turn, ProviderError> {
+    while let Some(event) = events.next().await {
+        let event = event?;
+        match parser.feed(&event.event, &event.data)? {
+            Fed::Nothing => {}
+            Fed::Text(text) => sink.text_delta(provider, &text),
+            Fed::End => break,
+        }
+    }
+    parser.finish()
+}
+
+/// The events in a response body. A connection that breaks, or a read that times out, becomes a
+/// [`Retryable`](super::provider::FailureKind::Retryable) error.
+fn decode<B: AsRef<[u8]>>(
+    bytes: impl Stream<Item = Result<B, reqwest::Error>> + Unpin,
+    provider: &'static str,
+) -> impl Stream<Item = Result<Event, ProviderError>> + Unpin {
+    bytes.eventsource().map(move |item| {
         item.map_err(|error| match error {
             EventStreamError::Transport(e) => transport_error(&format!("{provider} stream"), &e),
             other => {
@@ -158,6 +216,82 @@ pub(crate) fn parse_arguments(raw: &str) -> (serde_json::Value, Option<String>) 
     match serde_json::from_str(raw) {
         Ok(value) => (value, None),
         Err(_) => (serde_json::Value::Null, Some(raw.to_owned())),
+    }
+}
+
+/// What the providers' parser tests share: raw SSE text run through a parser the way a response
+/// body would feed it, and builders for the values they compare.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::agent::provider::{FailureKind, TokenUsage};
+    use crate::agent::transcript::Part;
+
+    /// A [`ProviderError`] as a value a test can compare whole.
+    pub(crate) type Failure = (FailureKind, Option<u16>, String);
+
+    /// Bytes per read: small and odd, so events, lines and UTF-8 characters arrive split.
+    const READ_SIZE: usize = 13;
+
+    #[derive(Default)]
+    struct Collected(Mutex<Vec<String>>);
+
+    impl TextSink for Collected {
+        fn text_delta(&self, _provider: &str, delta: &str) {
+            if let Ok(mut deltas) = self.0.lock() {
+                deltas.push(delta.to_owned());
+            }
+        }
+    }
+
+    /// The turn (or error) `parser` makes of `sse`, and the text deltas it streamed, in order.
+    pub(crate) fn read(parser: impl TurnParser, sse: &str) -> (Result<Turn, Failure>, Vec<String>) {
+        let reads = sse
+            .as_bytes()
+            .chunks(READ_SIZE)
+            .map(Ok::<_, reqwest::Error>);
+        let sink = Collected::default();
+        let turn = futures::executor::block_on(fold(
+            decode(futures::stream::iter(reads), "test"),
+            "test",
+            parser,
+            &sink,
+        ));
+        let turn = turn.map_err(|e| (e.kind, e.status, e.message));
+        (turn, sink.0.into_inner().unwrap_or_default())
+    }
+
+    /// A tool call whose arguments parsed.
+    pub(crate) fn call(id: &str, name: &str, arguments: serde_json::Value) -> Part {
+        Part::ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments,
+            raw_arguments: None,
+        }
+    }
+
+    /// A tool call whose arguments are not JSON.
+    pub(crate) fn broken_call(id: &str, name: &str, raw: &str) -> Part {
+        Part::ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments: serde_json::Value::Null,
+            raw_arguments: Some(raw.into()),
+        }
+    }
+
+    pub(crate) fn text(text: &str) -> Part {
+        Part::Text { text: text.into() }
+    }
+
+    pub(crate) fn usage(input_tokens: u64, output_tokens: u64) -> TokenUsage {
+        TokenUsage {
+            input_tokens,
+            output_tokens,
+        }
     }
 }
 

@@ -131,6 +131,14 @@ pub enum Reply {
         kind: String,
         message: String,
     },
+    /// An error whose `error` is a bare string rather than an object, as some compatible servers
+    /// send it: after the first `after` events of the streamed turn, or as the whole 200 body
+    /// when the reply is not streamed.
+    BareError {
+        turn: ScriptedTurn,
+        after: usize,
+        message: String,
+    },
     /// HTTP 200 with an event-stream content type, then silence.
     Stall,
 }
@@ -572,6 +580,20 @@ async fn messages(
             message,
         } => {
             let error = json!({"type": "error", "error": {"type": kind, "message": message}});
+            sse_response(
+                take(stream_frames(&id, &model, &turn), after),
+                Ending::Then(frame(Some("error"), &error.to_string())),
+            )
+        }
+        Reply::BareError { message, .. } if !stream => {
+            json_response(200, &json!({"type": "error", "error": message}), &[])
+        }
+        Reply::BareError {
+            turn,
+            after,
+            message,
+        } => {
+            let error = json!({"type": "error", "error": message});
             sse_response(
                 take(stream_frames(&id, &model, &turn), after),
                 Ending::Then(frame(Some("error"), &error.to_string())),

@@ -251,6 +251,17 @@ async fn chat(
             take(chat_frames(&id, &model, &turn, usage), after),
             Ending::Then(frame(None, &error_json(&kind, &message).to_string())),
         ),
+        Reply::BareError { message, .. } if !stream => {
+            json_response(200, &json!({ "error": message }), &[])
+        }
+        Reply::BareError {
+            turn,
+            after,
+            message,
+        } => sse_response(
+            take(chat_frames(&id, &model, &turn, usage), after),
+            Ending::Then(frame(None, &json!({ "error": message }).to_string())),
+        ),
         Reply::Stall => sse_response(vec![], Ending::Stall),
     }
 }
@@ -422,6 +433,20 @@ async fn responses(
         } => {
             let error = json!({"type": "error", "code": kind, "message": message, "param": null,
                                "sequence_number": after});
+            sse_response(
+                take(response_frames(&id, request, &turn), after),
+                Ending::Then(frame(Some("error"), &error.to_string())),
+            )
+        }
+        Reply::BareError { message, .. } if !stream => {
+            json_response(200, &json!({ "error": message }), &[])
+        }
+        Reply::BareError {
+            turn,
+            after,
+            message,
+        } => {
+            let error = json!({"type": "error", "error": message, "sequence_number": after});
             sse_response(
                 take(response_frames(&id, request, &turn), after),
                 Ending::Then(frame(Some("error"), &error.to_string())),
