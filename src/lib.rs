@@ -13,6 +13,7 @@ pub mod http;
 pub mod job;
 pub mod redact;
 pub mod repo;
+pub mod retry;
 pub mod sandbox;
 pub mod text;
 

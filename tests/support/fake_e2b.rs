@@ -30,6 +30,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use tiny_backspace::retry::RetryPolicy;
 use tiny_backspace::sandbox::e2b::{E2bConfig, Timing};
 
 /// A key in the form real keys have (`e2b_` + hex), accepted by every SDK version.
@@ -226,8 +227,11 @@ impl FakeE2b {
             request_timeout: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(3),
             keepalive_interval: Duration::from_secs(1),
-            retry_base: Duration::from_millis(20),
-            max_retries: 3,
+            retry: RetryPolicy {
+                max_retries: 3,
+                initial_backoff: Duration::from_millis(20),
+                ..tiny_backspace::sandbox::e2b::default_retry()
+            },
             connect_timeout: Duration::from_secs(2),
         };
         config

@@ -1,12 +1,14 @@
 //! E2B's control plane (`X-API-Key`): create, renew, look up and kill sandboxes, with retries
 //! where repeating is safe.
 
-use std::time::Duration;
+use std::fmt;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
 use super::envd::{read_error_body, transport_error};
 use super::{Secret, Timing};
+use crate::retry::{RetryVerdict, Retryable, with_retries};
 use crate::sandbox::SandboxError;
 
 /// What `POST /v2/sandboxes` returned.
@@ -32,63 +34,54 @@ struct SandboxBody {
     envd_version: String,
 }
 
-/// Outcome of one attempt, for [`with_retries`].
-pub enum Attempt<T> {
-    Done(T),
-    /// Worth another try, after the server's `Retry-After` if it sent one.
-    Retry(SandboxError, Option<Duration>),
-    Fail(SandboxError),
+/// One failed control-plane attempt: the error, and whether (and when) it may be repeated.
+#[derive(Debug)]
+struct ApiFailure {
+    error: SandboxError,
+    verdict: RetryVerdict,
 }
 
-/// Runs `op` until it succeeds, fails for good, or has been retried `timing.max_retries`
-/// times, backing off exponentially with jitter (capped at 10 s).
-pub async fn with_retries<T, F, Fut>(timing: &Timing, mut op: F) -> Result<T, SandboxError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Attempt<T>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        match op().await {
-            Attempt::Done(value) => return Ok(value),
-            Attempt::Fail(error) => return Err(error),
-            Attempt::Retry(error, after) => {
-                if attempt >= timing.max_retries {
-                    return Err(error);
-                }
-                let wait = after.unwrap_or_else(|| backoff(timing.retry_base, attempt));
-                tracing::debug!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying an E2B request");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
+impl ApiFailure {
+    fn retry(error: SandboxError, after: Option<Duration>) -> Self {
+        Self {
+            error,
+            verdict: RetryVerdict::Retry { after },
+        }
+    }
+
+    fn stop(error: SandboxError) -> Self {
+        Self {
+            error,
+            verdict: RetryVerdict::Stop,
         }
     }
 }
 
-/// `base · 2^attempt`, capped at 10 s, times a random factor in [0.5, 1).
-pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.min(16));
-    let capped = exp.min(Duration::from_secs(10));
-    capped.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+impl Retryable for ApiFailure {
+    fn verdict(&self) -> RetryVerdict {
+        self.verdict
+    }
 }
 
-/// Decides whether a control-plane answer is worth repeating: `Should-Retry` wins when present
-/// (as in the official SDK), otherwise 429 and 5xx other than 501.
-fn retry_hint(response: &reqwest::Response) -> (bool, Option<Duration>) {
-    let headers = response.headers();
-    let should = headers
-        .get("should-retry")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.eq_ignore_ascii_case("true"));
-    let status = response.status().as_u16();
-    let retry = should.unwrap_or(status == 429 || (status >= 500 && status != 501));
-    let after = headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(10.0)));
-    (retry, after)
+impl fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Decides whether a control-plane answer is worth repeating, as the official SDK does:
+/// `Should-Retry` wins when present, otherwise 429 and 5xx other than 501; the wait is the
+/// server's `Retry-After` when it sent one.
+fn answer_verdict(status: u16, headers: &reqwest::header::HeaderMap) -> RetryVerdict {
+    let retry = crate::retry::explicit_retry(headers, "should-retry")
+        .unwrap_or(status == 429 || (status >= 500 && status != 501));
+    if retry {
+        RetryVerdict::Retry {
+            after: crate::retry::retry_after(headers, SystemTime::now()),
+        }
+    } else {
+        RetryVerdict::Stop
+    }
 }
 
 /// The control-plane client.
@@ -124,8 +117,7 @@ impl ControlPlane {
             "envVars": {},
         });
         let idempotency_key = format!("tb-{}", uuid::Uuid::new_v4());
-        let timing = self.timing.clone();
-        with_retries(&timing, || async {
+        let attempt = || async {
             let sent = self
                 .request(reqwest::Method::POST, "/v2/sandboxes")
                 .header("Idempotency-Key", &idempotency_key)
@@ -135,13 +127,16 @@ impl ControlPlane {
             let response = match sent {
                 Ok(response) => response,
                 Err(e) => {
-                    return Attempt::Retry(transport_error("creating an E2B sandbox", &e), None);
+                    return Err(ApiFailure::retry(
+                        transport_error("creating an E2B sandbox", &e),
+                        None,
+                    ));
                 }
             };
             let status = response.status();
             if status.is_success() {
                 return match response.json::<SandboxBody>().await {
-                    Ok(created) => Attempt::Done(Created {
+                    Ok(created) => Ok(Created {
                         sandbox_id: created.sandbox_id,
                         access_token: created
                             .envd_access_token
@@ -150,12 +145,13 @@ impl ControlPlane {
                         domain: created.domain.filter(|d| !d.is_empty()),
                         envd_version: created.envd_version,
                     }),
-                    Err(e) => Attempt::Fail(SandboxError::Create(format!(
+                    Err(e) => Err(ApiFailure::stop(SandboxError::Create(format!(
                         "E2B answered the create request with an unreadable body: {e}"
-                    ))),
+                    )))),
                 };
             }
-            let (retry, after) = retry_hint(&response);
+            let verdict = answer_verdict(status.as_u16(), response.headers());
+            let retry = matches!(verdict, RetryVerdict::Retry { .. });
             let text = read_error_body(response).await;
             let error = match status.as_u16() {
                 401 | 403 => SandboxError::Create(format!(
@@ -176,13 +172,11 @@ impl ControlPlane {
                     retryable: retry,
                 },
             };
-            if retry {
-                Attempt::Retry(error, after)
-            } else {
-                Attempt::Fail(error)
-            }
-        })
-        .await
+            Err(ApiFailure { error, verdict })
+        };
+        with_retries(&self.timing.retry, attempt)
+            .await
+            .map_err(|f| f.error)
     }
 
     /// `DELETE /sandboxes/{id}`. `Ok(false)` when E2B no longer knew it.
@@ -228,23 +222,23 @@ impl ControlPlane {
         body: Option<&serde_json::Value>,
         what: &str,
     ) -> Result<bool, SandboxError> {
-        with_retries(&self.timing, || async {
+        let attempt = || async {
             let mut request = self.request(method.clone(), path);
             if let Some(body) = body {
                 request = request.json(body);
             }
             let response = match request.send().await {
                 Ok(response) => response,
-                Err(e) => return Attempt::Retry(transport_error(what, &e), None),
+                Err(e) => return Err(ApiFailure::retry(transport_error(what, &e), None)),
             };
             let status = response.status();
             if status.is_success() {
-                return Attempt::Done(true);
+                return Ok(true);
             }
             if status == reqwest::StatusCode::NOT_FOUND {
-                return Attempt::Done(false);
+                return Ok(false);
             }
-            let (retry, after) = retry_hint(&response);
+            let verdict = answer_verdict(status.as_u16(), response.headers());
             let text = read_error_body(response).await;
             let message = match status.as_u16() {
                 401 | 403 => format!("{what}: E2B refused the API key ({status}): {text}"),
@@ -252,28 +246,61 @@ impl ControlPlane {
             };
             let error = SandboxError::Transport {
                 message,
-                retryable: retry,
+                retryable: matches!(verdict, RetryVerdict::Retry { .. }),
             };
-            if retry {
-                Attempt::Retry(error, after)
-            } else {
-                Attempt::Fail(error)
-            }
-        })
-        .await
+            Err(ApiFailure { error, verdict })
+        };
+        with_retries(&self.timing.retry, attempt)
+            .await
+            .map_err(|f| f.error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        assert!(backoff(base, 0) <= Duration::from_millis(100));
-        assert!(backoff(base, 0) >= Duration::from_millis(50));
-        assert!(backoff(base, 3) >= Duration::from_millis(400));
-        assert!(backoff(base, 30) <= Duration::from_secs(10));
+    fn control_plane_answers_are_classified_like_the_sdk() {
+        let none = HeaderMap::new();
+        for status in [429, 500, 502, 503, 504] {
+            assert_eq!(
+                answer_verdict(status, &none),
+                RetryVerdict::Retry { after: None },
+                "{status}"
+            );
+        }
+        for status in [400, 401, 403, 404, 409, 422, 501] {
+            assert_eq!(
+                answer_verdict(status, &none),
+                RetryVerdict::Stop,
+                "{status}"
+            );
+        }
+        // `Should-Retry` overrides the status either way.
+        assert_eq!(
+            answer_verdict(503, &headers(&[("should-retry", "false")])),
+            RetryVerdict::Stop
+        );
+        assert_eq!(
+            answer_verdict(409, &headers(&[("should-retry", "true")])),
+            RetryVerdict::Retry { after: None }
+        );
+        // The server's wait comes along.
+        assert_eq!(
+            answer_verdict(429, &headers(&[("retry-after", "2")])),
+            RetryVerdict::Retry {
+                after: Some(Duration::from_secs(2))
+            }
+        );
     }
 }
