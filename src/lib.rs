@@ -7,6 +7,7 @@
 //! change goes).
 
 pub mod agent;
+pub mod capped;
 pub mod config;
 pub mod forge;
 pub mod http;

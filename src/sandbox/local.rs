@@ -24,6 +24,8 @@ use nix::unistd::Pid;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::capped::CappedBuf;
+
 use super::{
     CloneSpec, Cloned, DirEntry, ExecOutput, ExecRequest, FileContent, RepoPath, Sandbox,
     SandboxError, SandboxProvider,
@@ -273,34 +275,16 @@ async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>, cap: usize) -> (Vec<
     let Some(mut pipe) = pipe else {
         return (Vec::new(), false);
     };
-    let half = cap / 2;
-    let mut head = Vec::new();
-    let mut tail = std::collections::VecDeque::new();
-    let mut dropped = 0usize;
+    let mut kept = CappedBuf::new(cap);
     let mut buf = [0u8; 16 * 1024];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let mut chunk = &buf[..n];
-                if head.len() < half {
-                    let take = (half - head.len()).min(chunk.len());
-                    head.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                }
-                tail.extend(chunk.iter().copied());
-                while tail.len() > half {
-                    tail.pop_front();
-                    dropped += 1;
-                }
-            }
+            Ok(n) => kept.push(&buf[..n]),
         }
     }
-    if dropped > 0 {
-        head.extend_from_slice(format!("\n[... {dropped} bytes truncated ...]\n").as_bytes());
-    }
-    head.extend(tail);
-    (head, dropped > 0)
+    let truncated = kept.truncated();
+    (kept.into_bytes(), truncated)
 }
 
 #[async_trait]

@@ -11,7 +11,6 @@
 //! with `cwd` set, so a fake envd that maps `/home/user` elsewhere runs them unchanged.
 
 pub mod api;
-pub mod capped;
 pub mod envd;
 pub mod files;
 
