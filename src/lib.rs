@@ -10,6 +10,7 @@ pub mod agent;
 pub mod capped;
 pub mod config;
 pub mod forge;
+pub mod git;
 pub mod http;
 pub mod job;
 pub mod redact;
