@@ -7,13 +7,16 @@
 //! change goes).
 
 pub mod agent;
+pub mod capped;
 pub mod config;
 pub mod event;
 pub mod forge;
+pub mod git;
 pub mod http;
 pub mod job;
 pub mod redact;
 pub mod repo;
+pub mod retry;
 pub mod sandbox;
 pub mod text;
 

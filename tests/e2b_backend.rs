@@ -494,6 +494,45 @@ async fn transient_create_failures_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_an_unreadable_body_is_retried_without_leaking() {
+    let repo = seed_repo();
+    // E2B deduplicates on the idempotency key: the repeat returns the sandbox the lost answer
+    // described. Otherwise the repeat starts a second one, and the first must not be left running.
+    for (idempotent, started) in [(true, 1), (false, 2)] {
+        let fake = FakeE2b::start().await;
+        fake.inject(Fault::CreateUnreadable { idempotent });
+        let sandbox = create(&fake, fake.config()).await;
+        assert_eq!(
+            fake.created_sandboxes(),
+            started,
+            "idempotent: {idempotent}"
+        );
+        assert_eq!(fake.live_sandboxes(), 1, "idempotent: {idempotent}");
+        assert!(fake.home_of(sandbox.id()).is_some(), "we hold the live one");
+        // And it works.
+        sandbox
+            .clone_repo(&clone_spec(repo.path(), None))
+            .await
+            .unwrap();
+        sandbox.kill().await.unwrap();
+        assert_eq!(fake.live_sandboxes(), 0, "idempotent: {idempotent}");
+    }
+
+    // Unreadable, then failing for good: whatever the unreadable answer started is killed too.
+    let fake = FakeE2b::start().await;
+    fake.inject(Fault::CreateUnreadable { idempotent: false });
+    fake.inject(Fault::CreateUnavailable(10));
+    let provider = E2bProvider::new(fake.config());
+    let err = bounded("create", 30, provider.create("job-3"))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("503"), "{err}");
+    assert_eq!(fake.created_sandboxes(), 1);
+    assert_eq!(fake.live_sandboxes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_and_template_are_create_errors() {
     let fake = FakeE2b::start().await;
     let env = fake.env();

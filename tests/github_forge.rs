@@ -19,6 +19,7 @@ use tiny_backspace::forge::{
     ChangeSet, ChangedFile, Forge, ForgeError, PublishMode, PullRequestDraft, RepoInfo,
 };
 use tiny_backspace::repo::RepoRef;
+use tiny_backspace::retry::RetryPolicy;
 use tiny_backspace::sandbox::{FileContent, RepoPath};
 
 const ALICE: &str = "tok-alice-0123456789";
@@ -32,6 +33,17 @@ fn remote(owner: &str, name: &str) -> RepoRef {
     }
 }
 
+/// The forge's retry policy with test-sized waits: the same number of retries, a quick backoff,
+/// and server-requested waits honoured up to 2 s.
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(40),
+        max_retry_after: Duration::from_secs(2),
+        ..tiny_backspace::forge::github::default_retry()
+    }
+}
+
 fn forge(fake: &FakeGithub, token: &str) -> GithubForge {
     GithubForge::new(GithubConfig {
         token: token.into(),
@@ -39,6 +51,7 @@ fn forge(fake: &FakeGithub, token: &str) -> GithubForge {
     })
     .unwrap()
     .with_fork_wait(Duration::from_secs(10), Duration::from_millis(50))
+    .with_retry_policy(quick_retry())
 }
 
 fn file(path: &str, status: FileStatus, content: FileContent) -> ChangedFile {
@@ -648,11 +661,10 @@ async fn maps_github_errors_to_clear_forge_errors() {
         e.message
     );
 
-    // Secondary rate limit (429 with retry-after; octocrab retries it twice first).
+    // Secondary rate limit (429 asking for longer than the policy waits: given up at once).
     fake.fail(
         Fault::new("GET", "/repos/alice/widgets", 429, "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.")
-            .header("retry-after", "60")
-            .times(3),
+            .header("retry-after", "60"),
     );
     let e = prepare_error(&fake, ALICE, "alice/widgets").await;
     assert_eq!(
@@ -715,7 +727,7 @@ async fn maps_github_errors_to_clear_forge_errors() {
     assert_eq!(e.code, "github_validation_failed");
     assert!(e.message.contains("head is invalid"), "{}", e.message);
 
-    // 5xx, after octocrab's own retries.
+    // 5xx, after the forge's own retries.
     fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").times(3));
     let e = forge_a
         .open_pull_request(&info, &pushed, &draft("t"))
@@ -778,7 +790,7 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         .unwrap();
     let work = change(&base, vec![text("README.md", "retry\n")]);
 
-    // The ref is created but the answer is lost (502): octocrab re-sends, GitHub says the
+    // The ref is created but the answer is lost (502): the forge re-sends, GitHub says the
     // reference exists, the forge sees it holds our commit.
     fake.fail(Fault::new("POST", "/git/refs", 502, "Server Error").after_success());
     let first = forge
@@ -795,7 +807,7 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         .filter(|r| r.method == "POST" && r.path.ends_with("/git/refs"))
         .map(|r| r.status)
         .collect();
-    assert_eq!(ref_posts, [502, 422], "octocrab re-sent the POST");
+    assert_eq!(ref_posts, [502, 422], "the forge re-sent the POST");
 
     // A whole new attempt with the same change reuses the branch.
     let again = forge
@@ -1144,4 +1156,99 @@ async fn a_refused_write_that_cannot_fork_reports_the_refusal() {
         "{}",
         e.message
     );
+}
+
+/// Statuses the fake answered to requests matching `method` and ending in `path_end`.
+fn statuses(fake: &FakeGithub, method: &str, path_end: &str) -> Vec<u16> {
+    fake.requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.ends_with(path_end))
+        .map(|r| r.status)
+        .collect()
+}
+
+#[tokio::test]
+async fn rate_limits_are_waited_out_and_server_errors_backed_off() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, ALICE);
+    let repo = remote("alice", "widgets");
+
+    // A secondary rate limit on a 403 asking for a second: waited for, then retried.
+    fake.fail(
+        Fault::new(
+            "GET",
+            "/repos/alice/widgets",
+            403,
+            "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.",
+        )
+        .header("retry-after", "1"),
+    );
+    let start = std::time::Instant::now();
+    forge.prepare(&repo, None).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(statuses(&fake, "GET", "/repos/alice/widgets"), [403, 200]);
+
+    // An exhausted primary limit that resets within the policy's wait: retried after the reset.
+    fake.clear_requests();
+    let reset = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1;
+    fake.fail(
+        Fault::new(
+            "GET",
+            "/repos/alice/widgets",
+            403,
+            "API rate limit exceeded for user ID 1001.",
+        )
+        .header("x-ratelimit-remaining", "0")
+        .header("x-ratelimit-reset", &reset.to_string()),
+    );
+    forge.prepare(&repo, None).await.unwrap();
+    assert_eq!(statuses(&fake, "GET", "/repos/alice/widgets"), [403, 200]);
+
+    // Server errors are retried after a backoff, not re-sent at once.
+    fake.clear_requests();
+    let slow = GithubForge::new(GithubConfig {
+        token: ALICE.into(),
+        api_url: fake.api_url(),
+    })
+    .unwrap()
+    .with_retry_policy(RetryPolicy {
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(1),
+        jitter: 0.0,
+        ..quick_retry()
+    });
+    fake.fail(Fault::new("GET", "/git/ref/heads/main", 502, "Server Error").times(2));
+    let start = std::time::Instant::now();
+    slow.prepare(&repo, None).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(200 + 400),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        statuses(&fake, "GET", "/git/ref/heads/main"),
+        [502, 502, 200]
+    );
+
+    // Client errors are not retried.
+    fake.clear_requests();
+    fake.fail(Fault::new(
+        "GET",
+        "/repos/alice/widgets",
+        401,
+        "Bad credentials",
+    ));
+    let e = forge.prepare(&repo, None).await.unwrap_err();
+    assert_eq!(e.code, "github_unauthorized");
+    assert_eq!(statuses(&fake, "GET", "/repos/alice/widgets"), [401]);
 }

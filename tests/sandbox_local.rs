@@ -318,3 +318,38 @@ async fn without_confinement_the_service_refuses_unless_allowed() {
     config.allow_unconfined = true;
     assert!(LocalProvider::new(config).await.is_ok());
 }
+
+#[tokio::test]
+async fn host_git_never_reads_the_checkouts_own_gitconfig() {
+    // The repository carries a `.gitconfig`. Were it git's global configuration on the host
+    // (HOME = the checkout), trace2 would append to a file of its author's choosing on every git
+    // call, and an fsmonitor command would run unconfined.
+    let outside = tempfile::tempdir().unwrap();
+    let traced = outside.path().join("traced");
+    let monitored = outside.path().join("monitored");
+    let config = format!(
+        "[trace2]\n\tnormalTarget = {}\n[core]\n\tfsmonitor = \"touch {}; false\"\n",
+        traced.display(),
+        monitored.display()
+    );
+    let repo = repo_with(&[("README.md", "hello\n"), (".gitconfig", &config)]);
+    let head = support::harness::git(repo.path(), &["rev-parse", "HEAD"]);
+    let root = tempfile::tempdir().unwrap();
+    let provider = local_sandbox(root.path()).await;
+    let sandbox = provider.create("job-gitconfig").await.unwrap();
+    let cloned = sandbox
+        .clone_repo(&CloneSpec {
+            url: format!("file://{}", repo.path().display()),
+            branch: None,
+            timeout: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (cloned.head.as_str(), cloned.branch.as_str()),
+        (head.trim(), "main")
+    );
+    assert!(!traced.exists(), "host git read the checkout's .gitconfig");
+    assert!(!monitored.exists(), "host git ran the checkout's fsmonitor");
+    sandbox.kill().await.unwrap();
+}

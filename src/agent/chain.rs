@@ -54,7 +54,7 @@ impl ProviderChain {
             let Some(provider) = self.providers.get(self.current).cloned() else {
                 return Err(ProviderError::fallback("no model provider is configured"));
             };
-            let result = with_retries(&self.retry, || async {
+            let result: Result<Turn, ProviderError> = with_retries(&self.retry, || async {
                 let attempt = AttemptText::default();
                 let turn = provider.complete(transcript, tools, &attempt).await?;
                 attempt.commit(text);

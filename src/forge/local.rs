@@ -3,17 +3,16 @@
 //! never touched.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
 
 use super::{
     ChangeSet, Forge, ForgeError, PublishMode, PullRequest, PullRequestDraft, PushedBranch,
     RepoInfo,
 };
 use crate::event::ErrorCode;
+use crate::git::{GitError, HostGit};
 use crate::repo::RepoRef;
 use crate::sandbox::FileContent;
 
@@ -219,60 +218,41 @@ impl Forge for LocalForge {
     }
 }
 
-/// Runs host git in a trusted repository (the user's own), with hooks and pagers disabled and a
-/// clean environment.
+/// Runs host git in the local repository (built by [`HostGit`]: no outside configuration, no
+/// hooks, no fsmonitor), with `env` added.
 async fn git(
     dir: &Path,
     args: &[&str],
     stdin: Option<&[u8]>,
     env: &[(&str, String)],
 ) -> Result<String, ForgeError> {
-    let mut cmd = tokio::process::Command::new("git");
-    cmd.arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "core.hooksPath=/dev/null",
-            "-c",
-            "core.fsmonitor=false",
-        ])
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(home) = std::env::var_os("HOME") {
-        cmd.env("HOME", home);
-    }
+    let mut git = HostGit::new(dir)
+        .map_err(|e| ForgeError::new(ErrorCode::GitUnavailable, e.to_string()))?
+        .args(args);
     for (k, v) in env {
-        cmd.env(k, v);
+        git = git.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        ForgeError::new(ErrorCode::GitUnavailable, format!("could not run git: {e}"))
-    })?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data).await.map_err(|e| {
-            ForgeError::new(ErrorCode::BranchWriteFailed, format!("git stdin: {e}"))
-        })?;
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(GIT_TIMEOUT, child.wait_with_output())
-        .await
-        .map_err(|_| {
-            ForgeError::new(
+    let out = match git.output(stdin, GIT_TIMEOUT).await {
+        Ok(out) => out,
+        Err(GitError::Spawn(e)) => {
+            return Err(ForgeError::new(
+                ErrorCode::GitUnavailable,
+                format!("could not run git: {e}"),
+            ));
+        }
+        Err(GitError::TimedOut(_)) => {
+            return Err(ForgeError::new(
                 ErrorCode::BranchWriteFailed,
                 format!("git {} timed out", args.join(" ")),
-            )
-        })?
-        .map_err(|e| ForgeError::new(ErrorCode::BranchWriteFailed, format!("git: {e}")))?;
+            ));
+        }
+        Err(e @ (GitError::Home(_) | GitError::Io(_))) => {
+            return Err(ForgeError::new(
+                ErrorCode::BranchWriteFailed,
+                format!("git: {e}"),
+            ));
+        }
+    };
     if !out.status.success() {
         return Err(ForgeError::new(
             ErrorCode::BranchWriteFailed,

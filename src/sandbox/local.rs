@@ -24,6 +24,9 @@ use nix::unistd::Pid;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::capped::CappedBuf;
+use crate::git::{GitError, HostGit};
+
 use super::{
     CloneSpec, Cloned, DirEntry, ExecOutput, ExecRequest, FileContent, RepoPath, Sandbox,
     SandboxError, SandboxProvider,
@@ -273,34 +276,16 @@ async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>, cap: usize) -> (Vec<
     let Some(mut pipe) = pipe else {
         return (Vec::new(), false);
     };
-    let half = cap / 2;
-    let mut head = Vec::new();
-    let mut tail = std::collections::VecDeque::new();
-    let mut dropped = 0usize;
+    let mut kept = CappedBuf::new(cap);
     let mut buf = [0u8; 16 * 1024];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let mut chunk = &buf[..n];
-                if head.len() < half {
-                    let take = (half - head.len()).min(chunk.len());
-                    head.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                }
-                tail.extend(chunk.iter().copied());
-                while tail.len() > half {
-                    tail.pop_front();
-                    dropped += 1;
-                }
-            }
+            Ok(n) => kept.push(&buf[..n]),
         }
     }
-    if dropped > 0 {
-        head.extend_from_slice(format!("\n[... {dropped} bytes truncated ...]\n").as_bytes());
-    }
-    head.extend(tail);
-    (head, dropped > 0)
+    let truncated = kept.truncated();
+    (kept.into_bytes(), truncated)
 }
 
 #[async_trait]
@@ -311,13 +296,9 @@ impl Sandbox for LocalSandbox {
         // repository), which commands never get.
         let mut args: Vec<String> = vec![
             "-c".into(),
-            "core.hooksPath=/dev/null".into(),
-            "-c".into(),
             "protocol.allow=never".into(),
             "-c".into(),
             "protocol.https.allow=always".into(),
-            "-c".into(),
-            "protocol.file.allow=always".into(),
             "clone".into(),
             "--quiet".into(),
             "--depth".into(),
@@ -332,20 +313,23 @@ impl Sandbox for LocalSandbox {
         args.push("--".into());
         args.push(spec.url.clone());
         args.push(self.repo.display().to_string());
-        let out = host_git(&self.dir, &args, spec.timeout).await?;
+        let clone = HostGit::new(&self.dir).map_err(git_error)?;
+        let out = run_host_git(clone.allow_file_protocol(), &args, spec.timeout).await?;
         if !out.status.success() {
             return Err(SandboxError::Clone(
                 crate::text::lossy(&out.stderr).trim().to_owned(),
             ));
         }
-        let head = host_git(
-            &self.repo,
+        // The checkout's files are the repository author's: these calls must not read any of
+        // them as configuration (see `crate::git`).
+        let head = run_host_git(
+            HostGit::new(&self.repo).map_err(git_error)?,
             &["rev-parse".into(), "HEAD".into()],
             spec.timeout,
         )
         .await?;
-        let branch = host_git(
-            &self.repo,
+        let branch = run_host_git(
+            HostGit::new(&self.repo).map_err(git_error)?,
             &["symbolic-ref".into(), "--short".into(), "HEAD".into()],
             spec.timeout,
         )
@@ -403,29 +387,15 @@ impl Sandbox for LocalSandbox {
     }
 }
 
-async fn host_git(
-    cwd: &Path,
+/// Runs host git (built by [`HostGit`]) with `args`, bounded by `timeout`.
+async fn run_host_git(
+    git: HostGit,
     args: &[String],
     timeout: Duration,
 ) -> Result<std::process::Output, SandboxError> {
-    let mut cmd = tokio::process::Command::new("git");
-    cmd.args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| PATH.into()),
-        )
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    match tokio::time::timeout(timeout, cmd.output()).await {
-        Ok(out) => out.map_err(|e| SandboxError::Io(format!("could not run git: {e}"))),
-        Err(_) => Err(SandboxError::Clone(format!(
+    match git.args(args).output(None, timeout).await {
+        Ok(out) => Ok(out),
+        Err(GitError::TimedOut(_)) => Err(SandboxError::Clone(format!(
             "git {} timed out after {} s",
             args.iter()
                 .find(|a| !a.starts_with('-') && !a.contains('='))
@@ -433,7 +403,12 @@ async fn host_git(
                 .unwrap_or(""),
             timeout.as_secs()
         ))),
+        Err(e) => Err(git_error(e)),
     }
+}
+
+fn git_error(e: GitError) -> SandboxError {
+    SandboxError::Io(e.to_string())
 }
 
 const BENEATH: ResolveFlags = ResolveFlags::BENEATH

@@ -168,6 +168,19 @@ impl SandboxError {
     }
 }
 
+impl crate::retry::Retryable for SandboxError {
+    /// Backends repeat operations that are safe to repeat while the failure is transient; no
+    /// sandbox error carries a server-requested wait (control-plane answers that do are
+    /// classified where they are read).
+    fn verdict(&self) -> crate::retry::RetryVerdict {
+        if self.retryable() {
+            crate::retry::RetryVerdict::Retry { after: None }
+        } else {
+            crate::retry::RetryVerdict::Stop
+        }
+    }
+}
+
 /// One job's sandbox. Implementations must be safe to call concurrently and `kill` must be
 /// idempotent.
 #[async_trait]

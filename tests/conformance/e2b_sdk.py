@@ -12,6 +12,7 @@ from e2b import (
     FileType,
     Sandbox,
     SandboxNotRunningException,
+    SandboxQuery,
 )
 
 
@@ -81,6 +82,18 @@ def main():
     # lifetime and info
     sbx.set_timeout(120)
     check(sbx.get_info().sandbox_id == sbx.sandbox_id, "get_info")
+
+    # list filtered by metadata, as the backend looks for sandboxes a lost create answer started
+    other = Sandbox.create(metadata={"tiny_backspace_create": "tb-x 1&2", "job": "j"})
+    listed = Sandbox.list(query=SandboxQuery(metadata={"tiny_backspace_create": "tb-x 1&2"}))
+    ids = [s.sandbox_id for s in listed.next_items()]
+    check(ids == [other.sandbox_id], f"metadata filter {ids!r}")
+    check(not listed.has_next, "one page")
+    both = [s.sandbox_id for s in Sandbox.list().next_items()]
+    check(sorted(both) == sorted([sbx.sandbox_id, other.sandbox_id]), f"unfiltered {both!r}")
+    info = Sandbox.list(query=SandboxQuery(metadata={"job": "j"})).next_items()[0]
+    check(info.metadata == {"tiny_backspace_create": "tb-x 1&2", "job": "j"}, f"metadata {info.metadata!r}")
+    check(other.kill() is True, "kill the listed sandbox")
 
     # kill: True, then False; the sandbox is then unreachable
     check(sbx.kill() is True, "first kill")

@@ -7,8 +7,8 @@
 //!   in for `/home/user`: `/home/user/...` paths in `cwd`, `/files` and the filesystem service are
 //!   mapped onto it, and `HOME` points at it.
 //! - Every request is logged; `live_sandboxes` counts sandboxes not yet killed or expired.
-//! - One-shot faults: create 503, a stream cut mid-command, a stream that goes silent, a request
-//!   that never gets an answer, a sandbox that vanishes.
+//! - One-shot faults: create 503, a create whose answer is unreadable, a stream cut mid-command, a
+//!   stream that goes silent, a request that never gets an answer, a sandbox that vanishes.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -30,6 +30,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use tiny_backspace::retry::RetryPolicy;
 use tiny_backspace::sandbox::e2b::{E2bConfig, Timing};
 
 /// A key in the form real keys have (`e2b_` + hex), accepted by every SDK version.
@@ -63,6 +64,10 @@ impl LoggedRequest {
 pub enum Fault {
     /// The next `n` creates answer 503 (with `Retry-After: 0`).
     CreateUnavailable(usize),
+    /// The next create starts a sandbox but its 201 answer breaks off mid-JSON, so the client
+    /// never learns the id. With `idempotent: false` the fake forgets that create's
+    /// `Idempotency-Key`, as a server that does not deduplicate would: a repeat starts another.
+    CreateUnreadable { idempotent: bool },
     /// The next `process.Process/Start` whose command contains `pattern` starts the process,
     /// sends the start event, then the connection drops mid-body.
     /// The process keeps running, as envd's do when a client goes away.
@@ -85,6 +90,8 @@ struct FakeSandbox {
     id: String,
     token: String,
     template: String,
+    /// The create's `metadata`, which `GET /v2/sandboxes?metadata=` filters on.
+    metadata: HashMap<String, String>,
     root: tempfile::TempDir,
     envs: HashMap<String, String>,
     started_at: SystemTime,
@@ -226,8 +233,11 @@ impl FakeE2b {
             request_timeout: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(3),
             keepalive_interval: Duration::from_secs(1),
-            retry_base: Duration::from_millis(20),
-            max_retries: 3,
+            retry: RetryPolicy {
+                max_retries: 3,
+                initial_backoff: Duration::from_millis(20),
+                ..tiny_backspace::sandbox::e2b::default_retry()
+            },
             connect_timeout: Duration::from_secs(2),
         };
         config
@@ -395,7 +405,7 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
             )
             .await
         }
-        None => control_plane(&inner, &parts.method, &path, &parts.headers, &body),
+        None => control_plane(&inner, &parts.method, &path, &query, &parts.headers, &body),
     }
 }
 
@@ -405,6 +415,7 @@ fn control_plane(
     inner: &Arc<Inner>,
     method: &Method,
     path: &str,
+    query: &str,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
@@ -417,14 +428,32 @@ fn control_plane(
         ("POST", ["v2", "sandboxes"]) => create(inner, headers, body, 300),
         ("POST", ["sandboxes"]) => create(inner, headers, body, 15),
         ("GET", ["v2", "sandboxes"]) | ("GET", ["sandboxes"]) => {
-            let list: Vec<Value> = inner
+            // `metadata` is itself a URL-encoded `k=v&...`, each key and value percent-encoded
+            // first (the SDK's `urlencode({quote(k): quote(v)})`).
+            let wanted: Vec<(String, String)> = query_param(query, "metadata")
+                .map(|m| {
+                    url::form_urlencoded::parse(m.as_bytes())
+                        .map(|(k, v)| (percent_decode(&k), percent_decode(&v)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut list: Vec<(SystemTime, Value)> = inner
                 .sandboxes
                 .lock()
                 .unwrap()
                 .values()
-                .map(|s| detail(s))
+                .filter(|s| {
+                    wanted
+                        .iter()
+                        .all(|(k, v)| s.metadata.get(k).is_some_and(|have| have == v))
+                })
+                .map(|s| (s.started_at, detail(s)))
                 .collect();
-            json_reply(200, Value::Array(list))
+            list.sort_by_key(|(started, _)| *started);
+            json_reply(
+                200,
+                Value::Array(list.into_iter().map(|(_, v)| v).collect()),
+            )
         }
         ("GET", ["sandboxes", id]) => match inner.sandbox(id) {
             Some(sandbox) => json_reply(200, detail(&sandbox)),
@@ -466,9 +495,14 @@ fn sandbox_missing(id: &str) -> Response {
 }
 
 fn create(inner: &Arc<Inner>, headers: &HeaderMap, body: &[u8], default_timeout: i64) -> Response {
-    if inner
-        .take_fault(|f| matches!(f, Fault::CreateUnavailable(_)))
-        .is_some()
+    let unreadable = match inner.take_fault(|f| matches!(f, Fault::CreateUnreadable { .. })) {
+        Some(Fault::CreateUnreadable { idempotent }) => Some(idempotent),
+        _ => None,
+    };
+    if unreadable.is_none()
+        && inner
+            .take_fault(|f| matches!(f, Fault::CreateUnavailable(_)))
+            .is_some()
     {
         let mut reply = api_error(503, "Sandbox capacity is unavailable, try again later");
         reply
@@ -501,6 +535,14 @@ fn create(inner: &Arc<Inner>, headers: &HeaderMap, body: &[u8], default_timeout:
     }
     let n = inner.next_id.fetch_add(1, Ordering::SeqCst);
     let id = format!("ifake{n:015x}");
+    let metadata = body["metadata"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
     let envs = body["envVars"]
         .as_object()
         .map(|m| {
@@ -513,6 +555,7 @@ fn create(inner: &Arc<Inner>, headers: &HeaderMap, body: &[u8], default_timeout:
         id: id.clone(),
         token: format!("tok{}", uuid::Uuid::new_v4().simple()),
         template: template.to_owned(),
+        metadata,
         root: tempfile::tempdir().unwrap(),
         envs,
         started_at: SystemTime::now(),
@@ -525,8 +568,19 @@ fn create(inner: &Arc<Inner>, headers: &HeaderMap, body: &[u8], default_timeout:
         .unwrap()
         .insert(id.clone(), sandbox.clone());
     inner.created.fetch_add(1, Ordering::SeqCst);
-    if let Some(key) = key {
+    if let Some(key) = key
+        && unreadable != Some(false)
+    {
         inner.idempotency.lock().unwrap().insert(key, id);
+    }
+    if unreadable.is_some() {
+        let full = created_body(&sandbox).to_string();
+        return (
+            StatusCode::CREATED,
+            [(header::CONTENT_TYPE, "application/json")],
+            full[..full.len() / 2].to_owned(),
+        )
+            .into_response();
     }
     json_reply(201, created_body(&sandbox))
 }
@@ -560,7 +614,7 @@ fn detail(sandbox: &FakeSandbox) -> Value {
         "cpuCount": 2,
         "memoryMB": 512,
         "diskSizeMB": 10240,
-        "metadata": {},
+        "metadata": sandbox.metadata,
         "state": "running",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": sandbox.token,
@@ -1035,6 +1089,30 @@ fn list_dir(sandbox: &FakeSandbox, requested: &str, depth: u32) -> Response {
         }
     }
     json_reply(200, json!({ "entries": entries }))
+}
+
+/// Decodes `%XX` escapes (and nothing else: `+` stays).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn query_param(query: &str, name: &str) -> Option<String> {

@@ -5,12 +5,14 @@
 //! action that failed, the repository, and what to do about it. The token never reaches this
 //! module, and [`Failure::into_forge_error`] is the only place that words messages.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
 use crate::event::ErrorCode;
 use crate::forge::ForgeError;
+use crate::retry::{RetryVerdict, Retryable};
 
 /// What a failed call was trying to do, for the message.
 #[derive(Debug, Clone)]
@@ -72,6 +74,8 @@ struct Headers {
     ratelimit_remaining: Option<u64>,
     ratelimit_reset: Option<u64>,
     retry_after: Option<u64>,
+    /// How long a rate-limited answer asked us to wait (see [`crate::retry::rate_limit_wait`]).
+    wait: Option<Duration>,
 }
 
 impl Failure {
@@ -104,6 +108,16 @@ impl Failure {
                         .filter(|v| !v.is_empty())
                 };
                 let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok());
+                let status = source.status_code.as_u16();
+                // GitHub answers 429 only for secondary limits; a 403 says so in its message.
+                let secondary = status == 429
+                    || source
+                        .message
+                        .to_ascii_lowercase()
+                        .contains("secondary rate limit");
+                let wait = source.headers.as_ref().and_then(|headers| {
+                    crate::retry::rate_limit_wait(headers, SystemTime::now(), secondary)
+                });
                 Self {
                     kind: FailureKind::Status(source.status_code.as_u16()),
                     message: source.message.clone(),
@@ -116,6 +130,7 @@ impl Failure {
                             .rate_limit_reset
                             .or_else(|| number("x-ratelimit-reset")),
                         retry_after: number("retry-after"),
+                        wait,
                     }),
                 }
             }
@@ -348,6 +363,38 @@ impl Failure {
                 ),
                 false,
             ),
+        }
+    }
+}
+
+impl Retryable for Failure {
+    /// GitHub's transient failures: 5xx, a dropped connection, and rate limits whose wait is
+    /// known (`retry-after`, the reset of an exhausted limit, a minute for a secondary limit).
+    /// An exhausted limit without a reset time is not retried: it lasts up to an hour. Our own
+    /// timeout is not retried either: the attempt already used the call's whole budget.
+    fn verdict(&self) -> RetryVerdict {
+        match self.kind {
+            FailureKind::Transport => RetryVerdict::Retry { after: None },
+            FailureKind::Status(s) if s >= 500 => RetryVerdict::Retry { after: None },
+            FailureKind::Status(429) => RetryVerdict::Retry {
+                after: self.headers.wait,
+            },
+            FailureKind::Status(403) if self.is_rate_limit() => match self.headers.wait {
+                Some(wait) => RetryVerdict::Retry { after: Some(wait) },
+                None => RetryVerdict::Stop,
+            },
+            FailureKind::Status(_) | FailureKind::Timeout | FailureKind::Decode => {
+                RetryVerdict::Stop
+            }
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status() {
+            Some(status) => write!(f, "{status}: {}", self.message),
+            None => f.write_str(&self.message),
         }
     }
 }

@@ -5,9 +5,13 @@
 //! (`GET repo`, `GET ref`, `GET commit`, `POST tree` with inline contents, `POST commit`,
 //! `POST ref`, `POST pulls`: seven); only binary files add one blob upload each.
 //!
-//! Every write is idempotent, because octocrab re-sends POSTs after a 5xx and callers retry: an
-//! existing branch holding the same tree on the same parent is reused, and "A pull request already
-//! exists" is answered by looking the pull request up.
+//! Every write is idempotent, because the forge repeats calls after transient failures (5xx,
+//! rate limits, dropped connections; see [`crate::retry`]) and callers retry whole publishes:
+//! blobs and trees are content-addressed, a repeated commit is only an unreferenced object, an
+//! existing branch holding the same tree on the same parent is reused, GitHub answers a repeated
+//! fork with the existing fork, and "A pull request already exists" is answered by looking the
+//! pull request up. octocrab's own retries are off: they re-send at once, with no backoff, and
+//! ignore `retry-after`.
 
 mod error;
 
@@ -34,6 +38,7 @@ use super::{
 };
 use crate::event::ErrorCode;
 use crate::repo::RepoRef;
+use crate::retry::{RetryPolicy, with_retries};
 use crate::sandbox::FileContent;
 
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -45,7 +50,7 @@ const MAX_INLINE_TOTAL: usize = 16 * 1024 * 1024;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// The bound on one call, octocrab's own retries included.
+/// The bound on one attempt of a call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Blob uploads carry up to 100 MiB of base64.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -102,6 +107,19 @@ pub struct GithubForge {
     token: String,
     fork_wait: Duration,
     fork_poll: Duration,
+    retry: RetryPolicy,
+}
+
+/// Two retries with backoff from 1 s, as octocrab's default made (but spaced out), and a
+/// rate limit's requested wait honoured up to a minute, GitHub's own advice for secondary limits.
+pub fn default_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 2,
+        initial_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(16),
+        max_retry_after: Duration::from_secs(60),
+        jitter: 0.25,
+    }
 }
 
 impl fmt::Debug for GithubForge {
@@ -196,6 +214,7 @@ impl GithubForge {
             token,
             fork_wait: FORK_WAIT,
             fork_poll: FORK_POLL,
+            retry: default_retry(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             // Surface client set-up problems (e.g. no CA roots) at start-up.
@@ -215,8 +234,8 @@ impl GithubForge {
             .base_uri(self.api_url.as_str())
             .map_err(Failure::from_octocrab)?
             .personal_token(self.token.clone())
-            // 5xx and 429 are retried twice; writes are idempotent (see the module doc).
-            .add_retry_config(RetryConfig::Simple(2))
+            // Retries are ours (`Self::retried`), with backoff and the server's requested wait.
+            .add_retry_config(RetryConfig::None)
             .set_connect_timeout(Some(CONNECT_TIMEOUT))
             .set_read_timeout(Some(READ_TIMEOUT))
             .set_write_timeout(Some(READ_TIMEOUT))
@@ -241,26 +260,47 @@ impl GithubForge {
         self
     }
 
-    /// Runs one octocrab call with a deadline, reducing any failure to a [`Failure`].
-    async fn raw<T>(
+    /// How transient failures are retried (tests shorten the waits).
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Runs one octocrab call with a deadline, reducing any failure to a [`Failure`] whose
+    /// message cannot hold the token (it is logged when retried).
+    async fn once<T>(
         &self,
         limit: Duration,
         fut: impl Future<Output = octocrab::Result<T>>,
     ) -> Result<T, Failure> {
         match tokio::time::timeout(limit, fut).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Failure::from_octocrab(e)),
+            Ok(Err(e)) => {
+                let mut failure = Failure::from_octocrab(e);
+                failure.message = self.scrub(&failure.message);
+                Err(failure)
+            }
             Err(_) => Err(Failure::timeout(limit.as_secs())),
         }
     }
 
-    /// [`Self::raw`] with the failure worded for `ctx`.
-    async fn call<T>(
-        &self,
-        ctx: &Ctx,
-        fut: impl Future<Output = octocrab::Result<T>>,
-    ) -> Result<T, ForgeError> {
-        match self.raw(CALL_TIMEOUT, fut).await {
+    /// Runs a call that is safe to repeat (see the module doc), each attempt bounded by `limit`,
+    /// repeating it after transient failures under the forge's policy.
+    async fn retried<T, F, Fut>(&self, limit: Duration, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = octocrab::Result<T>>,
+    {
+        with_retries(&self.retry, || self.once(limit, call())).await
+    }
+
+    /// [`Self::retried`] with the failure worded for `ctx`.
+    async fn call<T, F, Fut>(&self, ctx: &Ctx, call: F) -> Result<T, ForgeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = octocrab::Result<T>>,
+    {
+        match self.retried(CALL_TIMEOUT, call).await {
             Ok(value) => Ok(value),
             Err(failure) => Err(self.fail(failure, ctx)),
         }
@@ -284,22 +324,21 @@ impl GithubForge {
     }
 
     async fn get_ref(&self, target: &Target, branch: &str) -> Result<Ref, Failure> {
-        self.raw(
-            CALL_TIMEOUT,
-            self.crab()?
-                .git(&target.owner, &target.name)
-                .get_ref(&Reference::Branch(encode_branch(branch))),
-        )
+        let crab = self.crab()?;
+        let reference = &Reference::Branch(encode_branch(branch));
+        self.retried(CALL_TIMEOUT, || async move {
+            crab.git(&target.owner, &target.name)
+                .get_ref(reference)
+                .await
+        })
         .await
     }
 
     async fn get_commit(&self, target: &Target, sha: &str) -> Result<GitCommitObject, Failure> {
-        self.raw(
-            CALL_TIMEOUT,
-            self.crab()?
-                .git(&target.owner, &target.name)
-                .get_commit(sha),
-        )
+        let crab = self.crab()?;
+        self.retried(CALL_TIMEOUT, || async move {
+            crab.git(&target.owner, &target.name).get_commit(sha).await
+        })
         .await
     }
 
@@ -314,15 +353,16 @@ impl GithubForge {
     ) -> Result<(Target, String), ForgeError> {
         let upstream = format!("{owner}/{name}");
         let ctx = Ctx::new("fork the repository", upstream.clone(), FORK_NEEDS);
+        let crab = self.client(&ctx)?;
+        // GitHub answers a repeated fork request with the existing fork.
         let fork = self
-            .call(
-                &ctx,
-                self.client(&ctx)?
-                    .repos(owner, name)
+            .call(&ctx, || async move {
+                crab.repos(owner, name)
                     .create_fork()
                     .default_branch_only(false)
-                    .send(),
-            )
+                    .send()
+                    .await
+            })
             .await?;
         let fork_owner = fork
             .owner
@@ -381,8 +421,9 @@ impl GithubForge {
         let Ok(crab) = self.crab() else {
             return;
         };
+        // One attempt: the sync is best effort, and the readiness poll that follows repeats.
         let result: Result<Value, Failure> = self
-            .raw(
+            .once(
                 CALL_TIMEOUT,
                 crab.post(route, Some(&json!({ "branch": branch }))),
             )
@@ -473,11 +514,11 @@ impl GithubForge {
                     let ctx = Ctx::new("upload a file", repo.clone(), WRITE_NEEDS)
                         .with_workflows(workflows);
                     let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                    // Content-addressed: a repeated upload yields the same blob.
                     let blob = self
-                        .raw(
-                            UPLOAD_TIMEOUT,
-                            git.create_blob(encoded).encoding("base64").send(),
-                        )
+                        .retried(UPLOAD_TIMEOUT, || {
+                            git.create_blob(encoded.clone()).encoding("base64").send()
+                        })
                         .await;
                     let blob = match blob {
                         Ok(blob) => blob,
@@ -496,14 +537,9 @@ impl GithubForge {
         let ctx = Ctx::new("create the commit's tree", repo.clone(), WRITE_NEEDS)
             .with_workflows(workflows);
         let body = json!({ "base_tree": base_tree, "tree": tree });
+        let route = format!("/repos/{}/{}/git/trees", target.owner, target.name);
         let created: Result<GitTree, Failure> = self
-            .raw(
-                UPLOAD_TIMEOUT,
-                crab.post(
-                    format!("/repos/{}/{}/git/trees", target.owner, target.name),
-                    Some(&body),
-                ),
-            )
+            .retried(UPLOAD_TIMEOUT, || crab.post(route.as_str(), Some(&body)))
             .await;
         let tree_sha = match created {
             Ok(tree) => tree.sha,
@@ -520,29 +556,33 @@ impl GithubForge {
         };
         let ctx =
             Ctx::new("create the commit", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
+        // A repeated commit at worst leaves an unreferenced object behind: the branch names one.
         let commit = self
-            .call(
-                &ctx,
-                git.create_commit(message, tree_sha.clone())
-                    .parents(vec![change.base_commit.clone()])
-                    .author(identity.clone())
-                    .committer(identity)
-                    .send(),
-            )
+            .call(&ctx, || {
+                let (git, tree_sha, identity) = (&git, &tree_sha, &identity);
+                async move {
+                    git.create_commit(message, tree_sha.clone())
+                        .parents(vec![change.base_commit.clone()])
+                        .author(identity.clone())
+                        .committer(identity.clone())
+                        .send()
+                        .await
+                }
+            })
             .await?;
 
         let ctx =
             Ctx::new("create the branch", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
+        let reference = Reference::Branch(branch.to_owned());
         let created = self
-            .raw(
-                CALL_TIMEOUT,
-                git.create_ref(&Reference::Branch(branch.to_owned()), commit.sha.clone()),
-            )
+            .retried(CALL_TIMEOUT, || {
+                git.create_ref(&reference, commit.sha.clone())
+            })
             .await;
         match created {
             Ok(_) => Ok(commit.sha),
             Err(f) if f.status() == Some(422) && f.mentions("already exists") => {
-                // A retry (ours or octocrab's) of a publish that got this far: reuse the branch
+                // A repeat (of this call or of the publish) that got this far: reuse the branch
                 // when it holds the same tree on the same parent.
                 self.reuse_branch(target, branch, &commit.sha, &tree_sha, &change.base_commit)
                     .await
@@ -669,8 +709,9 @@ impl Forge for GithubForge {
         let (owner, name) = remote(repo)?;
         let full = format!("{owner}/{name}");
         let ctx = Ctx::new("read the repository", full.clone(), READ_NEEDS);
+        let crab = self.client(&ctx)?;
         let meta = self
-            .call(&ctx, self.client(&ctx)?.repos(owner, name).get())
+            .call(&ctx, || async move { crab.repos(owner, name).get().await })
             .await?;
         if meta.archived == Some(true) {
             return Err(ForgeError::new(
@@ -868,14 +909,20 @@ impl Forge for GithubForge {
 
         let mut draft = pr.draft;
         let created = loop {
-            let mut request = pulls
-                .create(title.clone(), pushed.head_ref.clone(), base.to_owned())
-                .body(body.clone())
-                .draft(draft);
-            if from_fork {
-                request = request.maintainer_can_modify(true);
-            }
-            match self.raw(CALL_TIMEOUT, request.send()).await {
+            // A repeat after a lost answer meets "already exists", handled below.
+            let attempt = self
+                .retried(CALL_TIMEOUT, || {
+                    let mut request = pulls
+                        .create(title.clone(), pushed.head_ref.clone(), base.to_owned())
+                        .body(body.clone())
+                        .draft(draft);
+                    if from_fork {
+                        request = request.maintainer_can_modify(true);
+                    }
+                    request.send()
+                })
+                .await;
+            match attempt {
                 Ok(created) => break Some(created),
                 Err(f) if f.status() == Some(422) && f.mentions("already exists") => break None,
                 Err(f) if f.status() == Some(422) && draft && f.mentions("draft") => {
@@ -897,14 +944,13 @@ impl Forge for GithubForge {
                 };
                 let ctx = Ctx::new("find the existing pull request", full.clone(), READ_NEEDS);
                 let page = self
-                    .call(
-                        &ctx,
+                    .call(&ctx, || {
                         pulls
                             .list()
                             .head(head.clone())
                             .state(octocrab::params::State::Open)
-                            .send(),
-                    )
+                            .send()
+                    })
                     .await?;
                 page.items.into_iter().next().ok_or_else(|| {
                     ForgeError::new(

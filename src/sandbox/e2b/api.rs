@@ -1,13 +1,22 @@
 //! E2B's control plane (`X-API-Key`): create, renew, look up and kill sandboxes, with retries
 //! where repeating is safe.
 
-use std::time::Duration;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
 use super::envd::{read_error_body, transport_error};
 use super::{Secret, Timing};
+use crate::retry::{RetryVerdict, Retryable, with_retries};
 use crate::sandbox::SandboxError;
+
+/// Metadata naming the job a sandbox belongs to.
+pub const JOB_METADATA: &str = "tiny_backspace_job";
+/// Metadata naming the create call that started a sandbox (its idempotency key), so that
+/// sandboxes started by attempts whose answer was lost can be found.
+pub const CREATE_METADATA: &str = "tiny_backspace_create";
 
 /// What `POST /v2/sandboxes` returned.
 #[derive(Debug, Clone)]
@@ -32,63 +41,77 @@ struct SandboxBody {
     envd_version: String,
 }
 
-/// Outcome of one attempt, for [`with_retries`].
-pub enum Attempt<T> {
-    Done(T),
-    /// Worth another try, after the server's `Retry-After` if it sent one.
-    Retry(SandboxError, Option<Duration>),
-    Fail(SandboxError),
+/// One failed control-plane attempt: the error, and whether (and when) it may be repeated.
+#[derive(Debug)]
+struct ApiFailure {
+    error: SandboxError,
+    verdict: RetryVerdict,
 }
 
-/// Runs `op` until it succeeds, fails for good, or has been retried `timing.max_retries`
-/// times, backing off exponentially with jitter (capped at 10 s).
-pub async fn with_retries<T, F, Fut>(timing: &Timing, mut op: F) -> Result<T, SandboxError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Attempt<T>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        match op().await {
-            Attempt::Done(value) => return Ok(value),
-            Attempt::Fail(error) => return Err(error),
-            Attempt::Retry(error, after) => {
-                if attempt >= timing.max_retries {
-                    return Err(error);
-                }
-                let wait = after.unwrap_or_else(|| backoff(timing.retry_base, attempt));
-                tracing::debug!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying an E2B request");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
+impl ApiFailure {
+    fn retry(error: SandboxError, after: Option<Duration>) -> Self {
+        Self {
+            error,
+            verdict: RetryVerdict::Retry { after },
         }
     }
 }
 
-/// `base · 2^attempt`, capped at 10 s, times a random factor in [0.5, 1).
-pub fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.min(16));
-    let capped = exp.min(Duration::from_secs(10));
-    capped.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+impl Retryable for ApiFailure {
+    fn verdict(&self) -> RetryVerdict {
+        self.verdict
+    }
 }
 
-/// Decides whether a control-plane answer is worth repeating: `Should-Retry` wins when present
-/// (as in the official SDK), otherwise 429 and 5xx other than 501.
-fn retry_hint(response: &reqwest::Response) -> (bool, Option<Duration>) {
-    let headers = response.headers();
-    let should = headers
-        .get("should-retry")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.eq_ignore_ascii_case("true"));
-    let status = response.status().as_u16();
-    let retry = should.unwrap_or(status == 429 || (status >= 500 && status != 501));
-    let after = headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(10.0)));
-    (retry, after)
+impl fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Decides whether a control-plane answer is worth repeating, as the official SDK does:
+/// `Should-Retry` wins when present, otherwise 429 and 5xx other than 501; the wait is the
+/// server's `Retry-After` when it sent one.
+fn answer_verdict(status: u16, headers: &reqwest::header::HeaderMap) -> RetryVerdict {
+    let retry = crate::retry::explicit_retry(headers, "should-retry")
+        .unwrap_or(status == 429 || (status >= 500 && status != 501));
+    if retry {
+        RetryVerdict::Retry {
+            after: crate::retry::retry_after(headers, SystemTime::now()),
+        }
+    } else {
+        RetryVerdict::Stop
+    }
+}
+
+/// The list query for running or paused sandboxes carrying `metadata`. As the official SDK
+/// sends it, the `metadata` parameter is a URL-encoded `k=v&…` whose keys and values are
+/// percent-encoded first, and the whole is encoded once more as a query value. One page of 100
+/// is plenty: one create call starts at most a handful.
+fn list_query(metadata: &[(&str, &str)]) -> String {
+    let mut filter = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in metadata {
+        filter.append_pair(&percent_encode(key), &percent_encode(value));
+    }
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("metadata", &filter.finish())
+        .append_pair("state", "running,paused")
+        .append_pair("limit", "100")
+        .finish()
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters and `/` (Python's
+/// `urllib.parse.quote`, which the SDK applies to metadata keys and values).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// The control-plane client.
@@ -108,24 +131,34 @@ impl ControlPlane {
             .timeout(self.timing.request_timeout)
     }
 
-    /// `POST /v2/sandboxes`. The idempotency key is the same for every retry, so that a retry
-    /// after a lost answer does not start a second sandbox.
+    /// `POST /v2/sandboxes`, repeated after transient failures with the same idempotency key,
+    /// so that a repeat after a lost answer does not start a second sandbox where E2B
+    /// deduplicates.
+    ///
+    /// An attempt whose answer was lost (a broken connection, a gateway error, a 2xx we could not
+    /// read) may still have started a sandbox we never learned the id of. Every sandbox this call
+    /// asks for carries the key in its metadata, so afterwards, whatever the outcome, those
+    /// sandboxes other than the one returned are found by it and killed instead of running until
+    /// their lifetime ends.
     pub async fn create(
         &self,
         template: &str,
         ttl: Duration,
         job_id: &str,
     ) -> Result<Created, SandboxError> {
+        let idempotency_key = format!("tb-{}", uuid::Uuid::new_v4());
         let body = serde_json::json!({
             "templateID": template,
             // Always sent: without it the v1 API kills the sandbox after 15 s.
             "timeout": ttl.as_secs().max(1),
-            "metadata": { "tiny_backspace_job": job_id },
+            "metadata": {
+                JOB_METADATA: job_id,
+                CREATE_METADATA: idempotency_key,
+            },
             "envVars": {},
         });
-        let idempotency_key = format!("tb-{}", uuid::Uuid::new_v4());
-        let timing = self.timing.clone();
-        with_retries(&timing, || async {
+        let unsure = AtomicBool::new(false);
+        let attempt = || async {
             let sent = self
                 .request(reqwest::Method::POST, "/v2/sandboxes")
                 .header("Idempotency-Key", &idempotency_key)
@@ -135,13 +168,25 @@ impl ControlPlane {
             let response = match sent {
                 Ok(response) => response,
                 Err(e) => {
-                    return Attempt::Retry(transport_error("creating an E2B sandbox", &e), None);
+                    // A connection never made carried no request; anything later may have.
+                    if !e.is_connect() {
+                        unsure.store(true, Ordering::SeqCst);
+                    }
+                    return Err(ApiFailure::retry(
+                        transport_error("creating an E2B sandbox", &e),
+                        None,
+                    ));
                 }
             };
             let status = response.status();
             if status.is_success() {
-                return match response.json::<SandboxBody>().await {
-                    Ok(created) => Attempt::Done(Created {
+                let read = match response.bytes().await {
+                    Ok(bytes) => serde_json::from_slice::<SandboxBody>(&bytes)
+                        .map_err(|e| format!("an unreadable body ({e})")),
+                    Err(e) => Err(format!("a body that broke off ({e})")),
+                };
+                return match read {
+                    Ok(created) => Ok(Created {
                         sandbox_id: created.sandbox_id,
                         access_token: created
                             .envd_access_token
@@ -150,12 +195,26 @@ impl ControlPlane {
                         domain: created.domain.filter(|d| !d.is_empty()),
                         envd_version: created.envd_version,
                     }),
-                    Err(e) => Attempt::Fail(SandboxError::Create(format!(
-                        "E2B answered the create request with an unreadable body: {e}"
-                    ))),
+                    Err(what) => {
+                        unsure.store(true, Ordering::SeqCst);
+                        Err(ApiFailure::retry(
+                            SandboxError::Transport {
+                                message: format!(
+                                    "E2B answered the create request ({status}) with {what}"
+                                ),
+                                retryable: true,
+                            },
+                            None,
+                        ))
+                    }
                 };
             }
-            let (retry, after) = retry_hint(&response);
+            if matches!(status.as_u16(), 500 | 502 | 504) {
+                // The create may have gone through behind a failing gateway.
+                unsure.store(true, Ordering::SeqCst);
+            }
+            let verdict = answer_verdict(status.as_u16(), response.headers());
+            let retry = matches!(verdict, RetryVerdict::Retry { .. });
             let text = read_error_body(response).await;
             let error = match status.as_u16() {
                 401 | 403 => SandboxError::Create(format!(
@@ -176,13 +235,93 @@ impl ControlPlane {
                     retryable: retry,
                 },
             };
-            if retry {
-                Attempt::Retry(error, after)
-            } else {
-                Attempt::Fail(error)
+            Err(ApiFailure { error, verdict })
+        };
+        let outcome = with_retries(&self.timing.retry, attempt)
+            .await
+            .map_err(|f| f.error);
+        if unsure.load(Ordering::SeqCst) {
+            let keep = outcome.as_ref().ok().map(|c| c.sandbox_id.as_str());
+            self.kill_strays(job_id, &idempotency_key, keep).await;
+        }
+        outcome
+    }
+
+    /// Kills the sandboxes started by the create call tagged `create_key`, except `keep`.
+    /// Best effort: what cannot be found or killed ends at its lifetime.
+    async fn kill_strays(&self, job_id: &str, create_key: &str, keep: Option<&str>) {
+        let found = match self.list_ids(&[(CREATE_METADATA, create_key)]).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "could not look for sandboxes started by a create whose answer was lost; they end at their lifetime");
+                return;
             }
-        })
-        .await
+        };
+        let strays: Vec<String> = found
+            .into_iter()
+            .filter(|id| Some(id.as_str()) != keep)
+            .collect();
+        let mut killed = 0usize;
+        for id in &strays {
+            match self.kill(id).await {
+                Ok(_) => killed += 1,
+                Err(e) => {
+                    tracing::warn!(job_id, sandbox_id = %id, error = %e, "could not kill a sandbox started by a lost create answer")
+                }
+            }
+        }
+        tracing::info!(
+            job_id,
+            found = strays.len(),
+            killed,
+            "looked for sandboxes started by create attempts whose answer was lost"
+        );
+    }
+
+    /// `GET /v2/sandboxes?metadata=…`: the ids of running or paused sandboxes whose metadata
+    /// holds every pair in `metadata`.
+    pub async fn list_ids(&self, metadata: &[(&str, &str)]) -> Result<Vec<String>, SandboxError> {
+        #[derive(Deserialize)]
+        struct Listed {
+            #[serde(rename = "sandboxID")]
+            sandbox_id: String,
+        }
+        let path = format!("/v2/sandboxes?{}", list_query(metadata));
+        let what = "listing sandboxes";
+        let attempt = || async {
+            let response = match self.request(reqwest::Method::GET, &path).send().await {
+                Ok(response) => response,
+                Err(e) => return Err(ApiFailure::retry(transport_error(what, &e), None)),
+            };
+            let status = response.status();
+            if status.is_success() {
+                let read = match response.bytes().await {
+                    Ok(bytes) => serde_json::from_slice::<Vec<Listed>>(&bytes)
+                        .map_err(|e| format!("an unreadable list ({e})")),
+                    Err(e) => Err(format!("a list that broke off ({e})")),
+                };
+                return match read {
+                    Ok(listed) => Ok(listed.into_iter().map(|l| l.sandbox_id).collect()),
+                    Err(what_went_wrong) => Err(ApiFailure::retry(
+                        SandboxError::Transport {
+                            message: format!("{what}: E2B answered with {what_went_wrong}"),
+                            retryable: true,
+                        },
+                        None,
+                    )),
+                };
+            }
+            let verdict = answer_verdict(status.as_u16(), response.headers());
+            let text = read_error_body(response).await;
+            let error = SandboxError::Transport {
+                message: format!("{what}: E2B answered {status}: {text}"),
+                retryable: matches!(verdict, RetryVerdict::Retry { .. }),
+            };
+            Err(ApiFailure { error, verdict })
+        };
+        with_retries(&self.timing.retry, attempt)
+            .await
+            .map_err(|f| f.error)
     }
 
     /// `DELETE /sandboxes/{id}`. `Ok(false)` when E2B no longer knew it.
@@ -228,23 +367,23 @@ impl ControlPlane {
         body: Option<&serde_json::Value>,
         what: &str,
     ) -> Result<bool, SandboxError> {
-        with_retries(&self.timing, || async {
+        let attempt = || async {
             let mut request = self.request(method.clone(), path);
             if let Some(body) = body {
                 request = request.json(body);
             }
             let response = match request.send().await {
                 Ok(response) => response,
-                Err(e) => return Attempt::Retry(transport_error(what, &e), None),
+                Err(e) => return Err(ApiFailure::retry(transport_error(what, &e), None)),
             };
             let status = response.status();
             if status.is_success() {
-                return Attempt::Done(true);
+                return Ok(true);
             }
             if status == reqwest::StatusCode::NOT_FOUND {
-                return Attempt::Done(false);
+                return Ok(false);
             }
-            let (retry, after) = retry_hint(&response);
+            let verdict = answer_verdict(status.as_u16(), response.headers());
             let text = read_error_body(response).await;
             let message = match status.as_u16() {
                 401 | 403 => format!("{what}: E2B refused the API key ({status}): {text}"),
@@ -252,28 +391,70 @@ impl ControlPlane {
             };
             let error = SandboxError::Transport {
                 message,
-                retryable: retry,
+                retryable: matches!(verdict, RetryVerdict::Retry { .. }),
             };
-            if retry {
-                Attempt::Retry(error, after)
-            } else {
-                Attempt::Fail(error)
-            }
-        })
-        .await
+            Err(ApiFailure { error, verdict })
+        };
+        with_retries(&self.timing.retry, attempt)
+            .await
+            .map_err(|f| f.error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        assert!(backoff(base, 0) <= Duration::from_millis(100));
-        assert!(backoff(base, 0) >= Duration::from_millis(50));
-        assert!(backoff(base, 3) >= Duration::from_millis(400));
-        assert!(backoff(base, 30) <= Duration::from_secs(10));
+    fn the_metadata_filter_is_encoded_twice() {
+        assert_eq!(
+            list_query(&[("tiny_backspace_create", "tb-1"), ("k", "a b&c")]),
+            // What the SDK sends for the same filter (`quote`, `urlencode`, then the query).
+            "metadata=tiny_backspace_create%3Dtb-1%26k%3Da%252520b%252526c&state=running%2Cpaused&limit=100"
+        );
+    }
+
+    #[test]
+    fn control_plane_answers_are_classified_like_the_sdk() {
+        let none = HeaderMap::new();
+        for status in [429, 500, 502, 503, 504] {
+            assert_eq!(
+                answer_verdict(status, &none),
+                RetryVerdict::Retry { after: None },
+                "{status}"
+            );
+        }
+        for status in [400, 401, 403, 404, 409, 422, 501] {
+            assert_eq!(
+                answer_verdict(status, &none),
+                RetryVerdict::Stop,
+                "{status}"
+            );
+        }
+        // `Should-Retry` overrides the status either way.
+        assert_eq!(
+            answer_verdict(503, &headers(&[("should-retry", "false")])),
+            RetryVerdict::Stop
+        );
+        assert_eq!(
+            answer_verdict(409, &headers(&[("should-retry", "true")])),
+            RetryVerdict::Retry { after: None }
+        );
+        // The server's wait comes along.
+        assert_eq!(
+            answer_verdict(429, &headers(&[("retry-after", "2")])),
+            RetryVerdict::Retry {
+                after: Some(Duration::from_secs(2))
+            }
+        );
     }
 }

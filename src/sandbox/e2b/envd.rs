@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::Endpoint;
-use super::capped::CappedBuf;
+use crate::capped::CappedBuf;
 use crate::sandbox::SandboxError;
 
 /// Largest envelope accepted; envd sends at most 32 KiB of output per event.

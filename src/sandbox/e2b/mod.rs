@@ -11,7 +11,6 @@
 //! with `cwd` set, so a fake envd that maps `/home/user` elsewhere runs them unchanged.
 
 pub mod api;
-pub mod capped;
 pub mod envd;
 pub mod files;
 
@@ -22,8 +21,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use self::api::{Attempt, ControlPlane, with_retries};
+use self::api::ControlPlane;
 use self::envd::{ProcessResult, ProcessSpec, Progress, RunError};
+use crate::retry::{RetryPolicy, RetryVerdict, Retryable, with_retries};
+
 use super::{
     CloneSpec, Cloned, DirEntry, ExecOutput, ExecRequest, FileContent, RepoPath, Sandbox,
     SandboxError, SandboxProvider,
@@ -80,10 +81,9 @@ pub struct Timing {
     pub stream_idle_timeout: Duration,
     /// Asked of envd (`Keepalive-Ping-Interval`); well below `stream_idle_timeout`.
     pub keepalive_interval: Duration,
-    /// First backoff step; doubled per retry, capped at 10 s.
-    pub retry_base: Duration,
-    /// Retries after the first attempt, for operations safe to repeat.
-    pub max_retries: u32,
+    /// Retries of operations safe to repeat (control-plane calls, envd reads and uploads,
+    /// commands that certainly did not start).
+    pub retry: RetryPolicy,
     /// Time to connect to either plane.
     pub connect_timeout: Duration,
 }
@@ -94,10 +94,21 @@ impl Default for Timing {
             request_timeout: Duration::from_secs(60),
             stream_idle_timeout: Duration::from_secs(120),
             keepalive_interval: Duration::from_secs(50),
-            retry_base: Duration::from_millis(250),
-            max_retries: 3,
+            retry: default_retry(),
             connect_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// Close to the official SDK's: three retries, backoff from 250 ms doubling up to 10 s, shortened
+/// by up to half at random, and a server's `Retry-After` honoured up to 30 s.
+pub fn default_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 3,
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(10),
+        max_retry_after: Duration::from_secs(30),
+        jitter: 0.5,
     }
 }
 
@@ -398,6 +409,29 @@ impl fmt::Debug for E2bSandbox {
     }
 }
 
+/// A failed command, and whether sending it again is safe.
+#[derive(Debug)]
+struct RunFailure {
+    error: SandboxError,
+    may_repeat: bool,
+}
+
+impl Retryable for RunFailure {
+    fn verdict(&self) -> RetryVerdict {
+        if self.may_repeat {
+            self.error.verdict()
+        } else {
+            RetryVerdict::Stop
+        }
+    }
+}
+
+impl fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// Whether a failed command may be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Repeat {
@@ -431,32 +465,34 @@ impl E2bSandbox {
     /// Runs a process, repeating it after transient failures as `repeat` allows. A process
     /// left running by a broken stream or our own deadline is killed.
     async fn run(&self, spec: &ProcessSpec, repeat: Repeat) -> Result<ProcessResult, SandboxError> {
-        let timing = &self.endpoint.timing;
-        let mut attempt = 0u32;
-        loop {
-            self.check_alive()?;
+        let attempt = || async {
+            self.check_alive().map_err(|error| RunFailure {
+                error,
+                may_repeat: false,
+            })?;
             match envd::run_process(&self.endpoint, spec).await {
                 Ok(result) => {
                     if let Some(pid) = result.still_running {
                         self.kill_process(pid).await;
                     }
-                    return Ok(result);
+                    Ok(result)
                 }
                 Err(RunError { error, progress }) => {
                     if let Progress::Started(pid) = progress {
                         self.kill_process(pid).await;
                     }
-                    let may_repeat = error.retryable()
-                        && (progress == Progress::NotStarted || repeat == Repeat::Always);
-                    if may_repeat && attempt < timing.max_retries {
-                        tracing::debug!(sandbox_id = %self.id, attempt, error = %error, "repeating a command");
-                        tokio::time::sleep(api::backoff(timing.retry_base, attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err(self.classify(error).await);
+                    let may_repeat = match repeat {
+                        Repeat::Always => true,
+                        Repeat::IfNotStarted => progress == Progress::NotStarted,
+                    };
+                    tracing::debug!(sandbox_id = %self.id, error = %error, may_repeat, "a command failed");
+                    Err(RunFailure { error, may_repeat })
                 }
             }
+        };
+        match with_retries(&self.endpoint.timing.retry, attempt).await {
+            Ok(result) => Ok(result),
+            Err(failure) => Err(self.classify(failure.error).await),
         }
     }
 
@@ -499,15 +535,7 @@ impl E2bSandbox {
         Fut: std::future::Future<Output = Result<T, SandboxError>>,
     {
         self.check_alive()?;
-        let outcome = with_retries(&self.endpoint.timing, || async {
-            match op().await {
-                Ok(value) => Attempt::Done(value),
-                Err(e) if e.retryable() => Attempt::Retry(e, None),
-                Err(e) => Attempt::Fail(e),
-            }
-        })
-        .await;
-        match outcome {
+        match with_retries(&self.endpoint.timing.retry, op).await {
             Ok(value) => Ok(value),
             Err(e) => Err(self.classify(e).await),
         }
