@@ -353,3 +353,92 @@ async fn host_git_never_reads_the_checkouts_own_gitconfig() {
     assert!(!monitored.exists(), "host git ran the checkout's fsmonitor");
     sandbox.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn start_up_removes_only_our_own_leftover_workspaces() {
+    use tiny_backspace::sandbox::local::sweep_workspaces;
+    let repo = repo_with(&[("README.md", "hello\n")]);
+    let root = tempfile::tempdir().unwrap();
+    let spec = CloneSpec {
+        url: format!("file://{}", repo.path().display()),
+        branch: None,
+        timeout: Duration::from_secs(60),
+    };
+    let provider = local_sandbox(root.path()).await;
+    // A live workspace, and one whose owner went away without killing it (as after a crash:
+    // nothing holds its marker any more).
+    let live = provider.create("job-live").await.unwrap();
+    live.clone_repo(&spec).await.unwrap();
+    let left = provider.create("job-left").await.unwrap();
+    left.clone_repo(&spec).await.unwrap();
+    drop(left);
+    assert!(root.path().join("job-left/repo/README.md").exists());
+
+    // Things that are not our workspaces, whatever they look like.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir(outside.path().join("victim")).unwrap();
+    std::fs::copy(
+        root.path().join("job-live/.tiny-backspace-workspace"),
+        outside.path().join("victim/.tiny-backspace-workspace"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(outside.path().join("victim"), root.path().join("symlinked"))
+        .unwrap();
+    std::fs::create_dir_all(root.path().join("foreign/repo")).unwrap();
+    std::fs::write(root.path().join("foreign/data"), "keep").unwrap();
+    std::fs::create_dir(root.path().join("wrong-marker")).unwrap();
+    std::fs::write(
+        root.path().join("wrong-marker/.tiny-backspace-workspace"),
+        "something else\n",
+    )
+    .unwrap();
+    std::fs::create_dir(root.path().join("marker-is-a-link")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("victim/.tiny-backspace-workspace"),
+        root.path()
+            .join("marker-is-a-link/.tiny-backspace-workspace"),
+    )
+    .unwrap();
+    std::fs::write(root.path().join("a-file"), "keep").unwrap();
+
+    // A new process starting on the same root.
+    let _again = local_sandbox(root.path()).await;
+    let mut names: Vec<String> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "a-file",
+            "foreign",
+            "job-live",
+            "marker-is-a-link",
+            "symlinked",
+            "wrong-marker"
+        ]
+    );
+    assert!(
+        outside
+            .path()
+            .join("victim/.tiny-backspace-workspace")
+            .exists()
+    );
+    // The live sandbox still works.
+    let out = live.exec(&ExecRequest::new("cat README.md")).await.unwrap();
+    assert_eq!(text(&out.stdout), "hello\n");
+    live.kill().await.unwrap();
+
+    // Once nothing holds it, a second sweep takes it, and reports what it did.
+    let marker_dir = root.path().join("again");
+    std::fs::create_dir(&marker_dir).unwrap();
+    std::fs::write(
+        marker_dir.join(".tiny-backspace-workspace"),
+        "tiny-backspace workspace\n",
+    )
+    .unwrap();
+    let swept = sweep_workspaces(root.path());
+    assert_eq!((swept.removed, swept.failed), (1, 0));
+    assert!(!marker_dir.exists());
+}

@@ -1,7 +1,9 @@
 //! The `local` sandbox: a per-job workspace on this host.
 //!
 //! Layout: `<root>/<job_id>/repo` (the clone, the agent's working copy) and `<root>/<job_id>/tmp`
-//! (its private `TMPDIR` and `HOME`). The host clones the repository; every command then runs
+//! (its private `TMPDIR` and `HOME`), plus a marker file that says the workspace is ours and, by
+//! a lock held while the workspace is in use, that it is live: at start-up, marked workspaces
+//! nobody holds (left by a process that crashed) are removed. The host clones the repository; every command then runs
 //! through `tiny-backspace __sandbox-exec` (see `confine.rs`) in its own process group, with a
 //! clean environment, and is killed with its whole group at its timeout.
 //!
@@ -37,6 +39,10 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 const MAX_LIST_ENTRIES: usize = 5000;
 /// Files `read_file` reads at most.
 const MAX_READ_BYTES: u64 = 100 * 1024 * 1024;
+/// The file in each workspace directory that marks it as one this service created. Commands
+/// cannot write there (only `repo` and `tmp` are writable to them).
+const WORKSPACE_MARKER: &str = ".tiny-backspace-workspace";
+const MARKER_CONTENT: &[u8] = b"tiny-backspace workspace\n";
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -69,10 +75,24 @@ pub struct LocalProvider {
 impl LocalProvider {
     /// Checks that commands can be confined on this kernel (by running one), and refuses
     /// otherwise unless `allow_unconfined` is set.
+    /// Workspaces an earlier process left behind (it crashed before cleaning up) are removed
+    /// first; see [`sweep_workspaces`].
     pub async fn new(config: LocalConfig) -> Result<Self, SandboxError> {
         std::fs::create_dir_all(&config.root).map_err(|e| {
             SandboxError::Create(format!("workspace root {}: {e}", config.root.display()))
         })?;
+        let root = config.root.clone();
+        let swept = tokio::task::spawn_blocking(move || sweep_workspaces(&root))
+            .await
+            .map_err(|e| SandboxError::Create(format!("workspace sweep failed: {e}")))?;
+        if swept.removed > 0 || swept.failed > 0 {
+            tracing::info!(
+                root = %config.root.display(),
+                removed = swept.removed,
+                failed = swept.failed,
+                "removed workspaces left by an earlier run"
+            );
+        }
         let probe = tempfile::tempdir_in(&config.root)
             .map_err(|e| SandboxError::Create(format!("probe workspace: {e}")))?;
         let sandbox = LocalSandbox::at(probe.path().to_path_buf(), config.clone())?;
@@ -126,10 +146,13 @@ pub struct LocalSandbox {
     tmp: PathBuf,
     config: LocalConfig,
     killed: AtomicBool,
+    /// The workspace marker, locked (shared) while this sandbox lives; see [`sweep_workspaces`].
+    _marker: File,
 }
 
 impl LocalSandbox {
     fn at(dir: PathBuf, config: LocalConfig) -> Result<Self, SandboxError> {
+        let marker = mark_workspace(&dir)?;
         let repo = dir.join("repo");
         let tmp = dir.join("tmp");
         for d in [&repo, &tmp, &tmp.join("home")] {
@@ -142,6 +165,7 @@ impl LocalSandbox {
             tmp,
             config,
             killed: AtomicBool::new(false),
+            _marker: marker,
         })
     }
 
@@ -251,6 +275,87 @@ impl LocalSandbox {
             .await
             .map_err(|e| SandboxError::Io(format!("file task failed: {e}")))?
     }
+}
+
+/// Writes the workspace marker into `dir` and returns it locked (shared) for as long as the
+/// workspace is in use. The lock comes before the content, so a sweep never takes a workspace
+/// being set up for a leftover; the kernel drops it when the process ends, however it ends.
+fn mark_workspace(dir: &Path) -> Result<File, SandboxError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(WORKSPACE_MARKER);
+    let failed = |e: &dyn std::fmt::Display| {
+        SandboxError::Create(format!("workspace marker {}: {e}", path.display()))
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| failed(&e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared).map_err(|e| failed(&e))?;
+    file.write_all(MARKER_CONTENT).map_err(|e| failed(&e))?;
+    Ok(file)
+}
+
+/// What [`sweep_workspaces`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub removed: usize,
+    /// Leftovers that could not be removed (logged one by one).
+    pub failed: usize,
+}
+
+/// Removes the workspaces under `root` that this service created and no live process uses: a
+/// direct child that is a real directory (not a symlink) holding our marker, as a regular file
+/// with our content, that nobody holds a lock on. Anything else is left alone, whatever its
+/// name: the root may be shared with other files, or with another running instance.
+pub fn sweep_workspaces(root: &Path) -> Swept {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut swept = Swept::default();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return swept;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let is_dir = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir());
+        if !is_dir {
+            continue;
+        }
+        let Ok(mut marker) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(dir.join(WORKSPACE_MARKER))
+        else {
+            continue;
+        };
+        if !marker.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        // Held by a live sandbox (of this process or another sharing the root).
+        if rustix::fs::flock(
+            &marker,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .is_err()
+        {
+            continue;
+        }
+        let mut content = Vec::new();
+        let read = (&mut marker)
+            .take(MARKER_CONTENT.len() as u64 + 1)
+            .read_to_end(&mut content);
+        if read.is_err() || content != MARKER_CONTENT {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => swept.removed += 1,
+            Err(e) => {
+                swept.failed += 1;
+                tracing::warn!(workspace = %dir.display(), error = %e, "could not remove a leftover workspace");
+            }
+        }
+    }
+    swept
 }
 
 struct GroupKiller(Option<Pid>);
