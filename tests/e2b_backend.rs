@@ -533,6 +533,39 @@ async fn a_create_answered_with_an_unreadable_body_is_retried_without_leaking() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_over_its_total_is_refused() {
+    let fake = FakeE2b::start().await;
+    let repo = seed_repo();
+    let mut config = fake.config();
+    // README.md (8 bytes) and blob.bin (100 000) fit; run.sh (19) more does not.
+    config.max_read_bytes = 100_020;
+    let sandbox = create(&fake, config).await;
+    sandbox
+        .clone_repo(&clone_spec(repo.path(), None))
+        .await
+        .unwrap();
+    let got = bounded(
+        "read",
+        30,
+        sandbox.read_files(&[path("README.md"), path("blob.bin")]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 2);
+    let e = bounded(
+        "read",
+        30,
+        sandbox.read_files(&[path("README.md"), path("run.sh"), path("blob.bin")]),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, SandboxError::TooLarge(_)), "{e:?}");
+    assert_eq!(e.code().as_str(), "change_too_large");
+    sandbox.kill().await.unwrap();
+    assert_eq!(fake.live_sandboxes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_and_template_are_create_errors() {
     let fake = FakeE2b::start().await;
     let env = fake.env();

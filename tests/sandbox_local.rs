@@ -442,3 +442,64 @@ async fn start_up_removes_only_our_own_leftover_workspaces() {
     assert_eq!((swept.removed, swept.failed), (1, 0));
     assert!(!marker_dir.exists());
 }
+
+#[tokio::test]
+async fn a_read_over_its_total_is_refused() {
+    use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
+    use tiny_backspace::sandbox::{SandboxError, SandboxProvider};
+    let six = "x".repeat(600);
+    let four = "y".repeat(400);
+    let repo = repo_with(&[("a.txt", &six), ("b.txt", &four), ("c.txt", "z")]);
+    let root = tempfile::tempdir().unwrap();
+    let mut config = LocalConfig::new(support::harness::launcher());
+    config.root = root.path().to_path_buf();
+    config.max_read_bytes = 1000;
+    let provider = LocalProvider::new(config).await.unwrap();
+    let sandbox = provider.create("job-read").await.unwrap();
+    sandbox
+        .clone_repo(&CloneSpec {
+            url: format!("file://{}", repo.path().display()),
+            branch: None,
+            timeout: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let p = |s: &str| RepoPath::parse(s).unwrap();
+
+    // Up to the total, everything is read.
+    let got = sandbox
+        .read_files(&[p("a.txt"), p("b.txt"), p("missing.txt")])
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            FileContent::File {
+                bytes: six.clone().into_bytes(),
+                executable: false
+            },
+            FileContent::File {
+                bytes: four.clone().into_bytes(),
+                executable: false
+            },
+            FileContent::Missing
+        ]
+    );
+    // One byte more, and the whole read is refused.
+    let e = sandbox
+        .read_files(&[p("a.txt"), p("b.txt"), p("c.txt")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SandboxError::TooLarge(_)), "{e:?}");
+    assert_eq!(e.code().as_str(), "change_too_large");
+    assert!(!e.retryable());
+    assert!(e.to_string().contains("1000 bytes"), "{e}");
+    // A single file over the total too.
+    sandbox
+        .exec(&ExecRequest::new("head -c 1001 /dev/zero > big.bin"))
+        .await
+        .unwrap();
+    let e = sandbox.read_file(&p("big.bin")).await.unwrap_err();
+    assert_eq!(e.code().as_str(), "change_too_large", "{e}");
+    sandbox.kill().await.unwrap();
+}

@@ -55,6 +55,8 @@ pub struct LocalConfig {
     pub allow_unconfined: bool,
     /// Largest file a command may write.
     pub max_file_bytes: u64,
+    /// Bytes one `read_files` call returns at most, all files together.
+    pub max_read_bytes: u64,
 }
 
 impl LocalConfig {
@@ -64,6 +66,7 @@ impl LocalConfig {
             launcher,
             allow_unconfined: false,
             max_file_bytes: 1024 * 1024 * 1024,
+            max_read_bytes: super::DEFAULT_MAX_READ_BYTES,
         }
     }
 }
@@ -455,13 +458,33 @@ impl Sandbox for LocalSandbox {
 
     async fn read_file(&self, path: &RepoPath) -> Result<FileContent, SandboxError> {
         let path = path.clone();
-        self.blocking(move |repo| read_beneath(repo, &path)).await
+        let budget = self.config.max_read_bytes;
+        self.blocking(move |repo| read_beneath(repo, &path, budget))
+            .await
     }
 
     async fn read_files(&self, paths: &[RepoPath]) -> Result<Vec<FileContent>, SandboxError> {
         let paths = paths.to_vec();
-        self.blocking(move |repo| paths.iter().map(|p| read_beneath(repo, p)).collect())
-            .await
+        let max_total = self.config.max_read_bytes;
+        self.blocking(move |repo| {
+            let mut left = max_total;
+            paths
+                .iter()
+                .map(|p| {
+                    let content = read_beneath(repo, p, left).map_err(|e| match e {
+                        SandboxError::TooLarge(_) => SandboxError::TooLarge(format!(
+                            "the {} files read together hold more than {} (at {p}); the change is too large",
+                            paths.len(),
+                            mib(max_total)
+                        )),
+                        other => other,
+                    })?;
+                    left -= content_len(&content).min(left);
+                    Ok(content)
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn write_file(&self, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError> {
@@ -563,7 +586,27 @@ fn open_parent(repo: &Path, path: &RepoPath) -> Result<(OwnedFd, String), Sandbo
     Ok((parent, (*name).to_owned()))
 }
 
-fn read_beneath(repo: &Path, path: &RepoPath) -> Result<FileContent, SandboxError> {
+/// Bytes a read returned, for the total.
+fn content_len(content: &FileContent) -> u64 {
+    match content {
+        FileContent::File { bytes, .. } => bytes.len() as u64,
+        FileContent::Symlink { target } => target.len() as u64,
+        FileContent::Missing => 0,
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes >= 1024 * 1024 {
+        format!("{} MiB", bytes / (1024 * 1024))
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// Reads one file without following symlinks: refused when it is larger than the per-file
+/// bound ([`MAX_READ_BYTES`], an I/O error the agent can be told about) or than `budget`, what
+/// is left of the read's total ([`SandboxError::TooLarge`]).
+fn read_beneath(repo: &Path, path: &RepoPath, budget: u64) -> Result<FileContent, SandboxError> {
     let (parent, name) = match open_parent(repo, path) {
         Ok(found) => found,
         Err(SandboxError::NotFound(_)) => return Ok(FileContent::Missing),
@@ -578,16 +621,33 @@ fn read_beneath(repo: &Path, path: &RepoPath) -> Result<FileContent, SandboxErro
         FileType::Symlink => {
             let target = rustix::fs::readlinkat(parent.as_fd(), name.as_str(), Vec::new())
                 .map_err(|e| io_err(path, e))?;
+            if target.as_bytes().len() as u64 > budget {
+                return Err(SandboxError::TooLarge(format!(
+                    "{path}: over the read's total"
+                )));
+            }
             Ok(FileContent::Symlink {
                 target: target.to_string_lossy().into_owned(),
             })
         }
         FileType::RegularFile => {
-            if stat.st_size as u64 > MAX_READ_BYTES {
-                return Err(SandboxError::Io(format!(
-                    "{path} is larger than {} MiB",
-                    MAX_READ_BYTES / (1024 * 1024)
-                )));
+            let too_big = |size: u64| {
+                if size > MAX_READ_BYTES {
+                    Some(SandboxError::Io(format!(
+                        "{path} is larger than {}",
+                        mib(MAX_READ_BYTES)
+                    )))
+                } else if size > budget {
+                    Some(SandboxError::TooLarge(format!(
+                        "{path} ({}) is over the read's total",
+                        mib(size)
+                    )))
+                } else {
+                    None
+                }
+            };
+            if let Some(refused) = too_big(stat.st_size as u64) {
+                return Err(refused);
             }
             let fd = rustix::fs::openat(
                 parent.as_fd(),
@@ -596,11 +656,16 @@ fn read_beneath(repo: &Path, path: &RepoPath) -> Result<FileContent, SandboxErro
                 Mode::empty(),
             )
             .map_err(|e| io_err(path, e))?;
+            // One byte more than allowed, to notice a file that grew since `stat`.
+            let limit = MAX_READ_BYTES.min(budget);
             let mut bytes = Vec::new();
             File::from(fd)
-                .take(MAX_READ_BYTES)
+                .take(limit + 1)
                 .read_to_end(&mut bytes)
                 .map_err(|e| io_err(path, e))?;
+            if let Some(refused) = too_big(bytes.len() as u64) {
+                return Err(refused);
+            }
             Ok(FileContent::File {
                 bytes,
                 executable: stat.st_mode & 0o111 != 0,

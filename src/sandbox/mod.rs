@@ -18,6 +18,12 @@ pub use path::RepoPath;
 
 use crate::event::ErrorCode;
 
+/// Bytes one `read_files` call returns at most, all files together, unless configured otherwise
+/// (`LocalConfig::max_read_bytes`, `E2bConfig::max_read_bytes`). A change is read into memory
+/// whole before it is published; a bound keeps a sandbox from exhausting the host's memory with
+/// it. Above the per-file bound (100 MiB), so that one large file is still refused as that.
+pub const DEFAULT_MAX_READ_BYTES: u64 = 256 * 1024 * 1024;
+
 /// What to run. `command` is a shell command line run by `bash -c` in the repository root.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -137,6 +143,9 @@ pub enum SandboxError {
     Transport { message: String, retryable: bool },
     #[error("{0}")]
     NotFound(String),
+    /// More bytes than a read may return (see [`DEFAULT_MAX_READ_BYTES`]).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl SandboxError {
@@ -149,7 +158,8 @@ impl SandboxError {
             | SandboxError::Io(_)
             | SandboxError::Clone(_)
             | SandboxError::Gone(_)
-            | SandboxError::NotFound(_) => false,
+            | SandboxError::NotFound(_)
+            | SandboxError::TooLarge(_) => false,
         }
     }
 
@@ -164,6 +174,7 @@ impl SandboxError {
             SandboxError::Gone(_) => ErrorCode::SandboxGone,
             SandboxError::Transport { .. } => ErrorCode::SandboxTransport,
             SandboxError::NotFound(_) => ErrorCode::NotFound,
+            SandboxError::TooLarge(_) => ErrorCode::ChangeTooLarge,
         }
     }
 }
@@ -190,7 +201,8 @@ pub trait Sandbox: Send + Sync {
     /// Runs a command in the repository root, confined, bounded by its timeout and output cap.
     async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError>;
     async fn read_file(&self, path: &RepoPath) -> Result<FileContent, SandboxError>;
-    /// Reads many files in as few round trips as the backend allows (one for `e2b`).
+    /// Reads many files in as few round trips as the backend allows (one for `e2b`), refusing
+    /// with [`SandboxError::TooLarge`] when they hold more than the backend's configured total.
     async fn read_files(&self, paths: &[RepoPath]) -> Result<Vec<FileContent>, SandboxError>;
     /// Writes a file, creating parent directories.
     async fn write_file(&self, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError>;

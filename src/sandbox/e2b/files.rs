@@ -17,12 +17,12 @@ pub const MAX_READ_BYTES: u64 = 100 * 1024 * 1024;
 /// Entries `list_dir` returns at most, as in the local backend.
 pub const MAX_LIST_ENTRIES: usize = 5000;
 
-/// Prints one line per path argument (after the size limit): a kind letter and, for files and
-/// symlinks, the base64 content or link target. Paths arrive as arguments, never spliced into
-/// the script, so no quoting can go wrong. Kinds: `F` file, `X` executable file, `L` symlink,
-/// `M` missing, `D` directory, `S` something else, `P` a parent is a symlink, `B` too big,
-/// `E` unreadable.
-pub const READ_SCRIPT: &str = r#"max=$1; shift
+/// Prints one line per path argument (after the per-file and total size limits): a kind letter
+/// and, for files and symlinks, the base64 content or link target. Paths arrive as arguments,
+/// never spliced into the script, so no quoting can go wrong. Kinds: `F` file, `X` executable
+/// file, `L` symlink, `M` missing, `D` directory, `S` something else, `P` a parent is a symlink,
+/// `B` too big, `T` over the total (and so is every file after it), `E` unreadable.
+pub const READ_SCRIPT: &str = r#"max=$1; total=$2; used=0; shift 2
 for p in "$@"; do
   pre=; rest=$p; linked=
   while case $rest in */*) true;; *) false;; esac; do
@@ -37,6 +37,7 @@ for p in "$@"; do
     sm=$(stat -c '%s %a' -- "$p") || { echo E; continue; }
     size=${sm% *}; mode=${sm#* }
     if [ "$size" -gt "$max" ]; then echo B; continue; fi
+    used=$((used + size)); if [ "$used" -gt "$total" ]; then echo T; continue; fi
     if [ $((8#$mode & 8#111)) -ne 0 ]; then printf 'X '; else printf 'F '; fi
     base64 -w0 -- "$p"; echo
   elif [ -d "$p" ]; then echo D
@@ -46,22 +47,44 @@ for p in "$@"; do
 done
 "#;
 
-/// Arguments for [`READ_SCRIPT`] after `bash -c SCRIPT`: `$0`, the size limit, the paths.
-pub fn read_script_args(paths: &[RepoPath]) -> Vec<String> {
+/// Arguments for [`READ_SCRIPT`] after `bash -c SCRIPT`: `$0`, the per-file limit, the total,
+/// the paths.
+pub fn read_script_args(paths: &[RepoPath], max_total: u64) -> Vec<String> {
     let mut args = vec![
         "-c".to_owned(),
         READ_SCRIPT.to_owned(),
         "read-files".to_owned(),
         MAX_READ_BYTES.to_string(),
+        max_total.to_string(),
     ];
     args.extend(paths.iter().map(|p| p.as_str().to_owned()));
     args
+}
+
+/// Bytes of output [`READ_SCRIPT`] prints at most for `paths` whose contents stay within
+/// `max_total`: base64 (4 bytes per 3, rounded up per file) plus a kind, a space and a newline
+/// per line, with room for symlink targets. More means a file grew past the total while read.
+pub fn read_output_cap(paths: &[RepoPath], max_total: u64) -> usize {
+    let content = max_total.saturating_mul(4).div_ceil(3);
+    let per_path = 8 + 4 * 4096; // framing and padding, or a symlink target (PATH_MAX)
+    let cap = content.saturating_add(per_path * paths.len() as u64);
+    usize::try_from(cap).unwrap_or(usize::MAX)
+}
+
+/// The error for a read over its total.
+pub fn too_large(paths: &[RepoPath], max_total: u64) -> SandboxError {
+    SandboxError::TooLarge(format!(
+        "the {} files read together hold more than {} MiB; the change is too large",
+        paths.len(),
+        max_total / (1024 * 1024)
+    ))
 }
 
 /// Parses [`READ_SCRIPT`]'s output, one line per path.
 pub fn parse_read_output(
     paths: &[RepoPath],
     stdout: &[u8],
+    max_total: u64,
 ) -> Result<Vec<FileContent>, SandboxError> {
     let text = std::str::from_utf8(stdout).map_err(|_| {
         SandboxError::Io("the file reader printed something that is not text".into())
@@ -73,6 +96,9 @@ pub fn parse_read_output(
             lines.len(),
             paths.len()
         )));
+    }
+    if lines.contains(&"T") {
+        return Err(too_large(paths, max_total));
     }
     paths
         .iter()
@@ -102,6 +128,7 @@ pub fn parse_read_output(
                     MAX_READ_BYTES / (1024 * 1024)
                 ))),
                 "E" => Err(SandboxError::Io(format!("{path}: permission denied"))),
+                "T" => Err(too_large(paths, max_total)),
                 other => Err(SandboxError::Io(format!(
                     "{path}: the file reader answered `{}`",
                     crate::text::truncate_middle(other, 40).0
@@ -244,7 +271,7 @@ mod tests {
     #[test]
     fn parses_every_kind() {
         let out = b"F aGkK\nX \nL Li4vdA==\nM\n";
-        let got = parse_read_output(&paths(&["a", "b", "c", "d"]), out).unwrap();
+        let got = parse_read_output(&paths(&["a", "b", "c", "d"]), out, 100).unwrap();
         assert_eq!(
             got,
             vec![
@@ -266,11 +293,66 @@ mod tests {
 
     #[test]
     fn a_short_answer_is_an_error() {
-        assert!(parse_read_output(&paths(&["a", "b"]), b"M\n").is_err());
+        assert!(parse_read_output(&paths(&["a", "b"]), b"M\n", 100).is_err());
         assert!(matches!(
-            parse_read_output(&paths(&["a"]), b"P\n"),
+            parse_read_output(&paths(&["a"]), b"P\n", 100),
             Err(SandboxError::Path(_))
         ));
+    }
+
+    /// Runs the read script as the sandbox would, in `dir`.
+    fn run_script(dir: &std::path::Path, paths: &[RepoPath], max_total: u64) -> Vec<u8> {
+        let out = std::process::Command::new("bash")
+            .args(read_script_args(paths, max_total))
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    }
+
+    #[test]
+    fn the_script_refuses_files_past_the_total() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, size) in [("a", 600), ("b", 400), ("c", 1), ("d", 0)] {
+            std::fs::write(dir.path().join(name), vec![b'x'; size]).unwrap();
+        }
+        // Exactly the total is fine.
+        let within = paths(&["a", "b", "d"]);
+        let out = run_script(dir.path(), &within, 1000);
+        assert!(out.len() <= read_output_cap(&within, 1000));
+        let got = parse_read_output(&within, &out, 1000).unwrap();
+        assert_eq!(got.len(), 3);
+        // One byte more is not, and every file after the first refused is refused too.
+        let over = paths(&["a", "b", "c", "d"]);
+        let out = run_script(dir.path(), &over, 1000);
+        assert_eq!(
+            String::from_utf8_lossy(&out)
+                .lines()
+                .skip(2)
+                .collect::<Vec<_>>(),
+            ["T", "T"]
+        );
+        let e = parse_read_output(&over, &out, 1000).unwrap_err();
+        assert_eq!(e.code().as_str(), "change_too_large");
+    }
+
+    #[test]
+    fn output_within_the_total_fits_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [0usize, 1, 2, 3, 4, 5, 97, 98, 99];
+        let names: Vec<String> = sizes.iter().map(|s| format!("f{s}")).collect();
+        for (name, size) in names.iter().zip(sizes) {
+            std::fs::write(dir.path().join(name), vec![0xffu8; size]).unwrap();
+        }
+        std::os::unix::fs::symlink("a".repeat(200), dir.path().join("link")).unwrap();
+        let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+        all.push("link");
+        let all = paths(&all);
+        let total = sizes.iter().sum::<usize>() as u64;
+        let out = run_script(dir.path(), &all, total);
+        assert!(!String::from_utf8_lossy(&out).lines().any(|l| l == "T"));
+        assert!(out.len() <= read_output_cap(&all, total), "{}", out.len());
     }
 
     #[test]

@@ -49,8 +49,6 @@ const SHARED_EDGE_DOMAINS: &[&str] = &[
 ];
 /// Time budget of the batched file reader.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
-/// Bytes the batched reader may print (base64 of many files).
-const READ_OUTPUT_CAP: usize = 1024 * 1024 * 1024;
 
 /// A value that must never be shown: `Debug` prints a placeholder.
 #[derive(Clone)]
@@ -127,6 +125,8 @@ pub struct E2bConfig {
     /// Lifetime asked for on create and renewed every half of it while the sandbox is in use:
     /// also how long a sandbox we failed to kill survives.
     pub sandbox_ttl: Duration,
+    /// Bytes one `read_files` call returns at most, all files together.
+    pub max_read_bytes: u64,
     pub timing: Timing,
 }
 
@@ -163,6 +163,7 @@ impl E2bConfig {
             domain,
             template,
             sandbox_ttl: Duration::from_secs(600),
+            max_read_bytes: super::DEFAULT_MAX_READ_BYTES,
             timing: Timing::default(),
         })
     }
@@ -348,6 +349,7 @@ impl E2bProvider {
             killed: AtomicBool::new(false),
             renewer: Mutex::new(None),
             ttl: self.config.sandbox_ttl,
+            max_read_bytes: self.config.max_read_bytes,
         });
         let renewer = tokio::spawn(renew(api, id, self.config.sandbox_ttl));
         if let Ok(mut slot) = sandbox.renewer.lock() {
@@ -398,6 +400,8 @@ pub struct E2bSandbox {
     renewer: Mutex<Option<tokio::task::AbortHandle>>,
     /// The lifetime E2B enforces if we fail to kill it.
     ttl: Duration,
+    /// Bytes one `read_files` call returns at most.
+    max_read_bytes: u64,
 }
 
 impl fmt::Debug for E2bSandbox {
@@ -676,16 +680,22 @@ impl Sandbox for E2bSandbox {
         if let Some(root) = paths.iter().find(|p| p.is_root()) {
             return Err(SandboxError::Path(format!("{root} is a directory")));
         }
+        let max_total = self.max_read_bytes;
         let process = ProcessSpec {
             cmd: "/bin/bash".into(),
-            args: files::read_script_args(paths),
+            args: files::read_script_args(paths, max_total),
             envs: Vec::new(),
             cwd: Some(REPO_DIR.into()),
             timeout: READ_TIMEOUT,
-            output_cap: READ_OUTPUT_CAP,
+            // The most the script prints within the total: anything more shows as truncation.
+            output_cap: files::read_output_cap(paths, max_total),
         };
         let out = self.run(&process, Repeat::Always).await?;
-        if out.timed_out || out.truncated || out.exit_code != 0 {
+        if out.truncated {
+            // A file grew past the total between the size check and the read.
+            return Err(files::too_large(paths, max_total));
+        }
+        if out.timed_out || out.exit_code != 0 {
             return Err(SandboxError::Io(format!(
                 "reading {} files failed (exit {}{}): {}",
                 paths.len(),
@@ -694,7 +704,7 @@ impl Sandbox for E2bSandbox {
                 crate::text::truncate_middle(crate::text::lossy(&out.stderr).trim(), 500).0
             )));
         }
-        files::parse_read_output(paths, &out.stdout)
+        files::parse_read_output(paths, &out.stdout, max_total)
     }
 
     async fn write_file(&self, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError> {
