@@ -243,13 +243,15 @@ impl Config {
     pub async fn backends(&self, launcher: PathBuf) -> Result<Backends, String> {
         let lookup = |k: &str| self.var(k);
         let sandbox: Arc<dyn SandboxProvider> = match self.sandbox_name() {
-            "e2b" => build_e2b(&lookup)?,
+            // No read out of a sandbox may be larger than the largest change a job may publish.
+            "e2b" => build_e2b(&lookup, self.max_change_bytes)?,
             _ => {
                 let mut local = LocalConfig::new(launcher);
                 if let Some(dir) = &self.workspace_dir {
                     local.root = dir.clone();
                 }
                 local.allow_unconfined = self.allow_unconfined_sandbox;
+                local.max_read_bytes = self.max_change_bytes;
                 Arc::new(LocalProvider::new(local).await.map_err(|e| e.to_string())?)
             }
         };
@@ -288,8 +290,12 @@ impl Config {
     }
 }
 
-fn build_e2b(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Arc<dyn SandboxProvider>, String> {
-    let config = E2bConfig::from_lookup(lookup).map_err(|e| format!("E2B: {e}"))?;
+fn build_e2b(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    max_read_bytes: u64,
+) -> Result<Arc<dyn SandboxProvider>, String> {
+    let mut config = E2bConfig::from_lookup(lookup).map_err(|e| format!("E2B: {e}"))?;
+    config.max_read_bytes = max_read_bytes;
     Ok(Arc::new(E2bProvider::new(config)))
 }
 

@@ -258,7 +258,12 @@ impl ToolExecutor {
     async fn text_of(&self, path: &RepoPath) -> Result<Result<String, ToolOutcome>, SandboxError> {
         let content = match self.sandbox.read_file(path).await {
             Ok(c) => c,
-            Err(e @ (SandboxError::Path(_) | SandboxError::NotFound(_) | SandboxError::Io(_))) => {
+            Err(
+                e @ (SandboxError::Path(_)
+                | SandboxError::NotFound(_)
+                | SandboxError::Io(_)
+                | SandboxError::TooLarge(_)),
+            ) => {
                 return Ok(Err(ToolOutcome::error(e.to_string())));
             }
             Err(e) => return Err(e),
@@ -344,9 +349,12 @@ impl ToolExecutor {
                     truncate_middle(&listing, MODEL_OUTPUT_CAP).0,
                 ))
             }
-            Err(e @ (SandboxError::Path(_) | SandboxError::NotFound(_) | SandboxError::Io(_))) => {
-                Ok(ToolOutcome::error(e.to_string()))
-            }
+            Err(
+                e @ (SandboxError::Path(_)
+                | SandboxError::NotFound(_)
+                | SandboxError::Io(_)
+                | SandboxError::TooLarge(_)),
+            ) => Ok(ToolOutcome::error(e.to_string())),
             Err(e) => Err(e),
         }
     }
@@ -432,7 +440,10 @@ impl ToolExecutor {
                     )));
                 }
                 Err(
-                    e @ (SandboxError::Path(_) | SandboxError::NotFound(_) | SandboxError::Io(_)),
+                    e @ (SandboxError::Path(_)
+                    | SandboxError::NotFound(_)
+                    | SandboxError::Io(_)
+                    | SandboxError::TooLarge(_)),
                 ) => {
                     return Ok(ToolOutcome::error(e.to_string()));
                 }
@@ -489,7 +500,12 @@ impl ToolExecutor {
                     "{path} is a symbolic link to `{target}`; write the target instead"
                 )));
             }
-            Err(e @ (SandboxError::Path(_) | SandboxError::NotFound(_) | SandboxError::Io(_))) => {
+            Err(
+                e @ (SandboxError::Path(_)
+                | SandboxError::NotFound(_)
+                | SandboxError::Io(_)
+                | SandboxError::TooLarge(_)),
+            ) => {
                 return Ok(ToolOutcome::error(e.to_string()));
             }
             Err(e) => return Err(e),
@@ -515,7 +531,12 @@ impl ToolExecutor {
     ) -> Result<ToolOutcome, SandboxError> {
         match self.sandbox.write_file(path, content.as_bytes()).await {
             Ok(()) => {}
-            Err(e @ (SandboxError::Path(_) | SandboxError::NotFound(_) | SandboxError::Io(_))) => {
+            Err(
+                e @ (SandboxError::Path(_)
+                | SandboxError::NotFound(_)
+                | SandboxError::Io(_)
+                | SandboxError::TooLarge(_)),
+            ) => {
                 return Ok(ToolOutcome::error(e.to_string()));
             }
             Err(e) => return Err(e),
