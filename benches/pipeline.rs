@@ -42,6 +42,8 @@ async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
             ..RepoPolicy::default()
         },
         api_keys: vec![],
+        admin_api_keys: vec![],
+        allowed_hosts: vec![],
         cors_origins: vec![],
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -43,6 +43,12 @@ pub struct Config {
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<String>,
+    /// `ADMIN_API_KEYS`: keys that see and cancel every job (they are accepted keys too).
+    pub admin_api_keys: Vec<String>,
+    /// `ALLOWED_HOSTS`: `Host` values accepted when no API key is set.
+    pub allowed_hosts: Vec<String>,
+    /// `ALLOW_OPEN_SERVER`: allow binding beyond loopback with no API key.
+    pub allow_open_server: bool,
     pub sandbox: SandboxChoice,
     pub agents: Vec<String>,
     pub allowed_repo_hosts: Vec<String>,
@@ -187,10 +193,59 @@ impl Config {
             .max(1)
             .saturating_mul(1024 * 1024);
         let job_timeout = Duration::from_secs(number(&vars, "JOB_TIMEOUT_SECS", 1800u64)?.max(1));
+        // A key variable that is set but names no key (`API_KEYS=","`) must not silently leave
+        // the service open: refuse to start.
+        let keys = |name: &str| -> Result<Vec<String>, String> {
+            match vars.get(name).filter(|v| !v.is_empty()) {
+                None => Ok(Vec::new()),
+                Some(raw) => {
+                    let keys = list(Some(raw));
+                    if keys.is_empty() {
+                        Err(format!(
+                            "{name} is set but names no key; unset it to run without keys"
+                        ))
+                    } else {
+                        Ok(keys)
+                    }
+                }
+            }
+        };
+        let admin_api_keys = keys("ADMIN_API_KEYS")?;
+        let mut api_keys = keys("API_KEYS")?;
+        for key in &admin_api_keys {
+            if !api_keys.contains(key) {
+                api_keys.push(key.clone());
+            }
+        }
+        let host = get("HOST").cloned().unwrap_or_else(|| "127.0.0.1".into());
+        let port = number(&vars, "PORT", 8000u16)?;
+        let allowed_hosts = match get("ALLOWED_HOSTS") {
+            Some(v) => list(Some(v))
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            None => {
+                let mut hosts: Vec<String> =
+                    vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()];
+                let bound = host.to_ascii_lowercase();
+                let bound = if bound.contains(':') && !bound.starts_with('[') {
+                    format!("[{bound}]")
+                } else {
+                    bound
+                };
+                if !hosts.contains(&bound) {
+                    hosts.push(bound);
+                }
+                hosts
+            }
+        };
         Ok(Self {
-            host: get("HOST").cloned().unwrap_or_else(|| "127.0.0.1".into()),
-            port: number(&vars, "PORT", 8000u16)?,
-            api_keys: list(get("API_KEYS")),
+            host,
+            port,
+            api_keys,
+            admin_api_keys,
+            allowed_hosts,
+            allow_open_server: boolean(&vars, "ALLOW_OPEN_SERVER")?.unwrap_or(false),
             sandbox,
             agents,
             allowed_repo_hosts,
@@ -205,6 +260,26 @@ impl Config {
             workspace_dir: get("WORKSPACE_DIR").map(PathBuf::from),
             vars,
         })
+    }
+
+    /// Refuses to serve beyond loopback with no API key unless `ALLOW_OPEN_SERVER=true`: anyone who
+    /// can reach the port could start jobs, read every patch and cancel every job.
+    pub fn check_open_server(&self) -> Result<(), String> {
+        let loopback = match self
+            .host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+        {
+            Ok(ip) => ip.is_loopback(),
+            Err(_) => self.host.eq_ignore_ascii_case("localhost"),
+        };
+        if loopback || !self.api_keys.is_empty() || self.allow_open_server {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to listen on {} without API_KEYS: anyone who reaches it could run jobs; set API_KEYS, or ALLOW_OPEN_SERVER=true if something in front of the service authenticates",
+            self.host
+        ))
     }
 
     /// A variable's value, when set and not blank.
@@ -372,11 +447,58 @@ mod tests {
             ("API_KEYS", "svc-key-123456,other-key-98765"),
         ]))
         .unwrap();
+        assert_eq!(c.api_keys, vec!["svc-key-123456", "other-key-98765"]);
         let r = c.redactor();
         assert_eq!(
             r.redact("ghp_canary_0000000000 svc-key-123456"),
             "[REDACTED] [REDACTED]"
         );
         assert!(!format!("{c:?}").contains("ghp_canary"));
+    }
+
+    #[test]
+    fn api_keys_fail_closed_and_admin_keys_are_keys() {
+        for bad in [",", " ", " , ,"] {
+            let err = Config::from_vars(vars(&[("API_KEYS", bad)])).unwrap_err();
+            assert!(
+                err.contains("API_KEYS is set but names no key"),
+                "{bad:?}: {err}"
+            );
+        }
+        // An empty value (as in `.env.example`) means unset.
+        assert!(
+            Config::from_vars(vars(&[("API_KEYS", "")]))
+                .unwrap()
+                .api_keys
+                .is_empty()
+        );
+        let c =
+            Config::from_vars(vars(&[("API_KEYS", "a-key"), ("ADMIN_API_KEYS", "boss")])).unwrap();
+        assert_eq!(c.api_keys, vec!["a-key", "boss"]);
+        assert_eq!(c.admin_api_keys, vec!["boss"]);
+    }
+
+    #[test]
+    fn an_open_server_beyond_loopback_is_refused_unless_allowed() {
+        let check =
+            |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap().check_open_server();
+        assert!(check(&[]).is_ok());
+        assert!(check(&[("HOST", "::1")]).is_ok());
+        assert!(check(&[("HOST", "localhost")]).is_ok());
+        let err = check(&[("HOST", "0.0.0.0")]).unwrap_err();
+        assert!(err.contains("without API_KEYS"), "{err}");
+        assert!(check(&[("HOST", "0.0.0.0"), ("API_KEYS", "k")]).is_ok());
+        assert!(check(&[("HOST", "0.0.0.0"), ("ALLOW_OPEN_SERVER", "true")]).is_ok());
+    }
+
+    #[test]
+    fn allowed_hosts_default_to_loopback_names_and_the_bound_address() {
+        let c = Config::from_vars(vars(&[("HOST", "tb-host.lan")])).unwrap();
+        assert_eq!(
+            c.allowed_hosts,
+            vec!["localhost", "127.0.0.1", "[::1]", "tb-host.lan"]
+        );
+        let c = Config::from_vars(vars(&[("ALLOWED_HOSTS", "Tb.Example.com")])).unwrap();
+        assert_eq!(c.allowed_hosts, vec!["tb.example.com"]);
     }
 }

@@ -190,6 +190,7 @@ fn launcher() -> anyhow::Result<PathBuf> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    config.check_open_server().map_err(|e| anyhow::anyhow!(e))?;
     let backends = config
         .backends(launcher()?)
         .await
@@ -199,6 +200,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         registry: registry.clone(),
         repo_policy: config.repo_policy(false),
         api_keys: config.api_keys.clone(),
+        admin_api_keys: config.admin_api_keys.clone(),
+        allowed_hosts: config.allowed_hosts.clone(),
         cors_origins: config.cors_origins.clone(),
     });
     let addr = format!("{}:{}", config.host, config.port);

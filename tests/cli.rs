@@ -152,7 +152,7 @@ fn serve_streams_a_job_and_sigterm_cancels_running_jobs() {
     let mut health = String::new();
     http(
         &addr,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     .read_to_string(&mut health)
     .unwrap();
@@ -166,7 +166,7 @@ fn serve_streams_a_job_and_sigterm_cancels_running_jobs() {
     let stream = http(
         &addr,
         &format!(
-            "POST /code HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /code HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     );
@@ -202,4 +202,27 @@ fn serve_streams_a_job_and_sigterm_cancels_running_jobs() {
         "sandbox cleaned up"
     );
     drop(silent);
+}
+
+/// Authentication fails closed: a key variable that names no key, or a non-loopback address with
+/// no key at all, stops `serve` before it listens.
+#[test]
+fn serve_refuses_to_start_open_by_mistake() {
+    let workspaces = tempfile::tempdir().unwrap();
+    for (envs, expected) in [
+        (vec![("API_KEYS", ",")], "API_KEYS is set but names no key"),
+        (vec![("API_KEYS", " ")], "API_KEYS is set but names no key"),
+        (vec![("HOST", "0.0.0.0")], "without API_KEYS"),
+    ] {
+        let out = binary()
+            .env("WORKSPACE_DIR", workspaces.path())
+            .env("PORT", "0")
+            .envs(envs.iter().copied())
+            .arg("serve")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{envs:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{envs:?}: {stderr}");
+    }
 }

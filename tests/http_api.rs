@@ -31,6 +31,8 @@ async fn api(options: HarnessOptions, api_keys: Vec<String>, allow_local: bool) 
             ..RepoPolicy::default()
         },
         api_keys,
+        admin_api_keys: vec![],
+        allowed_hosts: vec![],
         cors_origins: vec![],
     });
     Api {
@@ -624,4 +626,258 @@ async fn a_finished_job_with_nothing_after_the_resume_point_answers_204() {
     let body = String::from_utf8(body).unwrap();
     assert!(body.starts_with(&format!("id: {last}\n")), "{body}");
     assert!(body.contains(r#""type":"Done""#), "{body}");
+}
+
+fn state_with(
+    harness: &Harness,
+    api_keys: Vec<String>,
+    admin_api_keys: Vec<String>,
+    allowed_hosts: Vec<String>,
+) -> axum::Router {
+    router(Arc::new(AppState {
+        registry: harness.registry.clone(),
+        repo_policy: RepoPolicy {
+            allow_local: true,
+            ..RepoPolicy::default()
+        },
+        api_keys,
+        admin_api_keys,
+        allowed_hosts,
+        cors_origins: vec!["https://app.example.com".into()],
+    }))
+}
+
+/// What a page on another site can send without a preflight (`text/plain`, a form) is refused, as
+/// is a request whose `Host` is not this service (DNS rebinding) or whose `Origin` is foreign.
+#[tokio::test]
+async fn cross_site_requests_are_refused() {
+    let harness = Harness::new(HarnessOptions::default()).await;
+    let app = state_with(&harness, vec![], vec![], vec!["localhost".into()]);
+    let body = json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string();
+    let with = |method: &str, uri: &str, headers: &[(&str, &str)], body: &str| {
+        let mut request = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(Body::from(body.to_owned())).unwrap()
+    };
+    let cases = [
+        (
+            with(
+                "POST",
+                "/jobs",
+                &[("host", "localhost:8000"), ("content-type", "text/plain")],
+                &body,
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            with(
+                "POST",
+                "/jobs",
+                &[
+                    ("host", "localhost:8000"),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                "repoUrl=x&prompt=y",
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            with("POST", "/jobs", &[("host", "localhost:8000")], &body),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            with(
+                "GET",
+                "/jobs/x",
+                &[("host", "rebound.attacker.example:8000")],
+                "",
+            ),
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed",
+        ),
+        (
+            with(
+                "POST",
+                "/jobs",
+                &[
+                    ("host", "localhost:8000"),
+                    ("content-type", "application/json"),
+                    ("origin", "https://evil.example"),
+                ],
+                &body,
+            ),
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+        ),
+        (
+            with(
+                "DELETE",
+                "/jobs/x",
+                &[("host", "localhost:8000"), ("origin", "null")],
+                "",
+            ),
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (got, _, bytes) = send(&app, request).await;
+        assert_eq!((got, error_code(&bytes)), (status, code.to_owned()));
+    }
+    assert_eq!(harness.registry.active(), 0);
+    // The service's own origin, a configured origin and an allowed Host pass.
+    for origin in ["http://localhost:8000", "https://app.example.com"] {
+        let request = with(
+            "POST",
+            "/jobs",
+            &[
+                ("host", "localhost:8000"),
+                ("content-type", "application/json; charset=utf-8"),
+                ("origin", origin),
+            ],
+            &json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string(),
+        );
+        let (status, _, bytes) = send(&app, request).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "{origin}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+}
+
+/// With keys, a job belongs to the key that created it: another key gets 404 for it on every
+/// route; an admin key sees and cancels it. The scheme is case-insensitive and so is the id.
+#[tokio::test]
+async fn each_key_sees_only_its_own_jobs() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let harness = Harness::new(HarnessOptions::default()).await;
+    let app = state_with(
+        &harness,
+        vec![
+            "key-a-111111".into(),
+            "key-b-222222".into(),
+            "admin-333333".into(),
+        ],
+        vec!["admin-333333".into()],
+        vec![],
+    );
+    let request = Request::post("/jobs")
+        .header("authorization", "BEARER key-a-111111")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"})
+                .to_string(),
+        ))
+        .unwrap();
+    let (status, _, bytes) = send(&app, request).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let id = serde_json::from_slice::<Value>(&bytes).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = harness.registry.get(&id).unwrap();
+    support::harness::events_of(&job).await;
+    let as_key = |key: &str, method: &str, path: String| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("x-api-key", key)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for path in [
+        format!("/jobs/{id}"),
+        format!("/jobs/{id}/events"),
+        format!("/jobs/{id}/patch"),
+    ] {
+        let (status, _, bytes) = send(&app, as_key("key-b-222222", "GET", path.clone())).await;
+        assert_eq!(
+            (status, error_code(&bytes)),
+            (StatusCode::NOT_FOUND, "not_found".into()),
+            "{path}"
+        );
+        let (status, _, _) = send(&app, as_key("key-a-111111", "GET", path.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let (status, _, _) = send(&app, as_key("admin-333333", "GET", path)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _, _) = send(
+        &app,
+        as_key("key-b-222222", "DELETE", format!("/jobs/{id}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Ids are UUIDs: their case does not matter.
+    let (status, _, _) = send(
+        &app,
+        as_key(
+            "key-a-111111",
+            "GET",
+            format!("/jobs/{}", id.to_ascii_uppercase()),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// A control character in the prompt is refused up front; a configured key pasted into the prompt
+/// never shows in `GET /jobs/{id}` (nor reaches the model).
+#[tokio::test]
+async fn prompts_are_checked_and_scrubbed_of_keys() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let harness = Harness::new(HarnessOptions {
+        secrets: vec!["key-a-111111".into()],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let app = state_with(&harness, vec!["key-a-111111".into()], vec![], vec![]);
+    let submit = |prompt: &str| {
+        Request::post("/jobs")
+            .header("x-api-key", "key-a-111111")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"repoUrl": repo.path().display().to_string(), "prompt": prompt}).to_string(),
+            ))
+            .unwrap()
+    };
+    let (status, _, bytes) = send(&app, submit("append \"b\u{0}\" to a.txt")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::BAD_REQUEST, "invalid_prompt".into())
+    );
+    let (status, _, bytes) = send(
+        &app,
+        submit("append \"b\" to a.txt; my key is key-a-111111"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = serde_json::from_slice::<Value>(&bytes).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, _, bytes) = send(
+        &app,
+        Request::get(format!("/jobs/{id}"))
+            .header("x-api-key", "key-a-111111")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let view: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        view["prompt"],
+        "append \"b\" to a.txt; my key is [REDACTED]"
+    );
 }

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -42,13 +42,33 @@ pub async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// `Authorization: Bearer <key>` or `X-API-Key: <key>` when `API_KEYS` is set.
+/// Who is calling: the jobs a caller may see follow from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// An id derived from the key (a digest prefix, never the key); `None` when the API is open.
+    pub key_id: Option<String>,
+    /// Sees and cancels every job: an admin key, or anyone when no key is configured.
+    pub admin: bool,
+}
+
+impl Caller {
+    fn may_see(&self, job: &Job) -> bool {
+        self.admin || job.owner().is_none() || job.owner() == self.key_id.as_deref()
+    }
+}
+
+/// `Authorization: Bearer <key>` (the scheme in any case) or `X-API-Key: <key>` when `API_KEYS` is
+/// set. Passes the [`Caller`] on to the handlers.
 pub async fn require_api_key(
     State(state): State<Arc<AppState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     if state.api_keys.is_empty() {
+        request.extensions_mut().insert(Caller {
+            key_id: None,
+            admin: true,
+        });
         return next.run(request).await;
     }
     let headers = request.headers();
@@ -56,13 +76,19 @@ pub async fn require_api_key(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
         })
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
-    let ok = presented.is_some_and(|key| key_matches(&state.api_keys, key));
-    if ok {
+    let caller = presented.and_then(|key| {
+        key_matches(&state.api_keys, key).then(|| Caller {
+            key_id: Some(key_id(key)),
+            admin: key_matches(&state.admin_api_keys, key),
+        })
+    });
+    if let Some(caller) = caller {
+        request.extensions_mut().insert(caller);
         next.run(request).await
     } else {
         let mut response = ApiError::new(
@@ -76,6 +102,17 @@ pub async fn require_api_key(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         response
     }
+}
+
+/// The id a key's jobs are recorded under: enough of its SHA-256 to tell keys apart, too little
+/// to matter if it leaks.
+fn key_id(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Whether `presented` is one of `keys`, in time that depends on neither the keys' lengths nor
@@ -157,6 +194,18 @@ fn parse_request(
     if prompt.is_empty() {
         return Err(ApiError::bad_request("empty_prompt", "`prompt` is empty"));
     }
+    if let Some(c) = prompt
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_prompt",
+            format!(
+                "`prompt` holds a control character (U+{:04X}); only tabs and line breaks are allowed",
+                c as u32
+            ),
+        ));
+    }
     let chars = prompt.chars().count();
     if chars > MAX_PROMPT_CHARS {
         return Err(ApiError::bad_request(
@@ -203,22 +252,26 @@ pub fn valid_branch(name: &str) -> bool {
         && name != "HEAD"
 }
 
-fn submit(state: &AppState, request: JobRequest) -> Result<Arc<Job>, ApiError> {
-    state.registry.submit(request).map_err(|err| match err {
-        SubmitError::Busy { retry_after, .. } => ApiError {
-            retry_after: Some(retry_after.as_secs()),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_jobs",
+fn submit(state: &AppState, caller: &Caller, request: JobRequest) -> Result<Arc<Job>, ApiError> {
+    let owner = caller.key_id.clone();
+    state
+        .registry
+        .submit_as(request, owner)
+        .map_err(|err| match err {
+            SubmitError::Busy { retry_after, .. } => ApiError {
+                retry_after: Some(retry_after.as_secs()),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_jobs",
+                    err.to_string(),
+                )
+            },
+            SubmitError::ShuttingDown => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
                 err.to_string(),
-            )
-        },
-        SubmitError::ShuttingDown => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            err.to_string(),
-        ),
-    })
+            ),
+        })
 }
 
 fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
@@ -230,10 +283,11 @@ fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
 
 pub async fn code(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_request(&state, body)?;
-    let job = submit(&state, request)?;
+    let job = submit(&state, &caller, request)?;
     // The stream only reads the log: a client that goes away does not cancel the job.
     Ok((
         job_id_header(&job),
@@ -244,10 +298,11 @@ pub async fn code(
 
 pub async fn create_job(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_request(&state, body)?;
-    let job = submit(&state, request)?;
+    let job = submit(&state, &caller, request)?;
     let id = job.id();
     Ok((
         StatusCode::ACCEPTED,
@@ -261,20 +316,27 @@ pub async fn create_job(
         .into_response())
 }
 
-fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
-    state.registry.get(id).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no job `{}`",
-            id.chars().take(64).collect::<String>()
-        ))
-    })
+/// The job `id` names, if `caller` may see it: another key's job is as missing as one that never
+/// existed. Ids are UUIDs, so their case does not matter.
+fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Job>, ApiError> {
+    state
+        .registry
+        .get(&id.to_ascii_lowercase())
+        .filter(|job| caller.may_see(job))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no job `{}`",
+                id.chars().take(64).collect::<String>()
+            ))
+        })
 }
 
 pub async fn get_job(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(JobView::of(&*find(&state, &id)?)))
+    Ok(Json(JobView::of(&*find(&state, &caller, &id)?)))
 }
 
 #[derive(Deserialize)]
@@ -284,11 +346,12 @@ pub struct EventsQuery {
 
 pub async fn job_events(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(query): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     let header_value = headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("?").trim().to_owned());
@@ -316,9 +379,10 @@ pub async fn job_events(
 
 pub async fn job_patch(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     match job.patch() {
         Some((patch, truncated)) => {
             let mut response = (
@@ -347,9 +411,10 @@ pub async fn job_patch(
 
 pub async fn cancel_job(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &caller, &id)?;
     if job.is_finished() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -1,5 +1,6 @@
 //! The HTTP API (API.md §1): one `Router` built by [`router`], tested in-process.
 
+mod edge;
 mod error;
 mod handlers;
 mod sse;
@@ -28,6 +29,10 @@ pub struct AppState {
     pub repo_policy: RepoPolicy,
     /// Accepted service keys; empty means the API is open.
     pub api_keys: Vec<String>,
+    /// Keys that see and cancel every job; each is also in `api_keys`.
+    pub admin_api_keys: Vec<String>,
+    /// `Host` values accepted when no key is configured; empty means unchecked.
+    pub allowed_hosts: Vec<String>,
     pub cors_origins: Vec<String>,
 }
 
@@ -45,6 +50,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             handlers::require_api_key,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            edge::guard,
         ));
     let mut app = Router::new()
         .route("/healthz", get(handlers::healthz))

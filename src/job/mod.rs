@@ -42,6 +42,15 @@ impl Emitter {
         &self.log
     }
 
+    /// Scrubs configured secrets out of text that is shown but is not an event (the patch).
+    pub fn redact(&self, text: &str) -> String {
+        if self.redactor.is_empty() {
+            text.to_owned()
+        } else {
+            self.redactor.redact(text)
+        }
+    }
+
     pub fn emit(&self, kind: EventKind) -> Option<u64> {
         let kind = self.scrub(kind);
         tracing::debug!(job_id = %self.job_id, event = ?kind, "event");

@@ -330,8 +330,9 @@ async fn run_agent(
 
 /// Keeps the change for `GET /jobs/{id}/patch` and shows it in a `Diff` event.
 fn record_change(job: &Job, change: &ChangeSet) {
+    // The patch is served as it is stored: without any configured secret in it.
     job.set_patch(
-        Bytes::from(change.patch.clone().into_bytes()),
+        Bytes::from(job.events().redact(&change.patch).into_bytes()),
         change.patch_truncated,
     );
     job.events().emit(EventKind::Diff {

@@ -64,6 +64,8 @@ pub struct Job {
     emitter: Emitter,
     cancel: CancellationToken,
     patch: OnceLock<(Bytes, bool)>,
+    /// The id of the API key that created the job; `None` when the API is open.
+    owner: Option<String>,
     /// What the job has spent and left behind so far, for `Done` on every path.
     pub(super) progress: Mutex<Progress>,
 }
@@ -83,6 +85,11 @@ impl Job {
 
     pub fn request(&self) -> &JobRequest {
         &self.request
+    }
+
+    /// The id of the API key that created the job, if keys are in use.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     pub fn created_at_ms(&self) -> u64 {
@@ -200,6 +207,20 @@ impl JobRegistry {
 
     /// Admits a job and starts it, or refuses when the limit and the queue are full.
     pub fn submit(self: &Arc<Self>, request: JobRequest) -> Result<Arc<Job>, SubmitError> {
+        self.submit_as(request, None)
+    }
+
+    /// [`JobRegistry::submit`] for the API key whose id is `owner`: only that key (and admin
+    /// keys) will see the job. Configured secrets in the prompt are redacted first, so no key
+    /// reaches the model, an event or `GET /jobs/{id}`.
+    pub fn submit_as(
+        self: &Arc<Self>,
+        mut request: JobRequest,
+        owner: Option<String>,
+    ) -> Result<Arc<Job>, SubmitError> {
+        if !self.backends.redactor.is_empty() {
+            request.prompt = self.backends.redactor.redact(&request.prompt);
+        }
         if self.shutdown.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -233,6 +254,7 @@ impl JobRegistry {
                 emitter: Emitter::new(log, self.backends.redactor.clone(), id.clone()),
                 cancel: self.shutdown.child_token(),
                 patch: OnceLock::new(),
+                owner,
                 progress: Mutex::new(Progress::default()),
             });
             jobs.insert(id.clone(), job.clone());
