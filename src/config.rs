@@ -15,6 +15,7 @@ use crate::forge::github::{GithubConfig, GithubForge};
 use crate::forge::local::LocalForge;
 use crate::forge::policy::CommitPolicy;
 use crate::forge::{Forge, Forges};
+use crate::http::EdgeLimits;
 use crate::job::Limits;
 use crate::job::pipeline::Backends;
 use crate::redact::Redactor;
@@ -49,6 +50,8 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     /// `ALLOW_OPEN_SERVER`: allow binding beyond loopback with no API key.
     pub allow_open_server: bool,
+    /// The HTTP edge's bounds.
+    pub edge: EdgeLimits,
     pub sandbox: SandboxChoice,
     pub agents: Vec<String>,
     pub allowed_repo_hosts: Vec<String>,
@@ -246,6 +249,20 @@ impl Config {
             admin_api_keys,
             allowed_hosts,
             allow_open_server: boolean(&vars, "ALLOW_OPEN_SERVER")?.unwrap_or(false),
+            edge: {
+                let d = EdgeLimits::default();
+                let secs = |name: &str, default: Duration| -> Result<Duration, String> {
+                    Ok(Duration::from_secs(
+                        number(&vars, name, default.as_secs())?.max(1),
+                    ))
+                };
+                EdgeLimits {
+                    header_timeout: secs("HEADER_TIMEOUT_SECS", d.header_timeout)?,
+                    idle_timeout: secs("IDLE_TIMEOUT_SECS", d.idle_timeout)?,
+                    max_connections: number(&vars, "MAX_CONNECTIONS", d.max_connections)?.max(1),
+                    shutdown_grace: secs("SHUTDOWN_GRACE_SECS", d.shutdown_grace)?,
+                }
+            },
             sandbox,
             agents,
             allowed_repo_hosts,

@@ -191,6 +191,7 @@ fn launcher() -> anyhow::Result<PathBuf> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     config.check_open_server().map_err(|e| anyhow::anyhow!(e))?;
+    tiny_backspace::http::raise_descriptor_limit();
     let backends = config
         .backends(launcher()?)
         .await
@@ -216,21 +217,45 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         auth = !config.api_keys.is_empty(),
         "tiny-backspace listening"
     );
-    // Open event streams last until their job's `Done`, and graceful shutdown waits for them; so
-    // on a signal the jobs are cancelled first, which ends every stream with `Done{cancelled}`.
-    let on_signal = {
-        let registry = registry.clone();
+    // Signals are counted: the first starts an orderly shutdown, a second cuts it short.
+    let signals = {
+        let (count_tx, count_rx) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                shutdown_signal().await;
+                count_tx.send_modify(|n| *n += 1);
+            }
+        });
+        count_rx
+    };
+    let after = |n: u32| {
+        let mut signals = signals.clone();
         async move {
-            shutdown_signal().await;
+            let _ = signals.wait_for(|count| *count >= n).await;
+        }
+    };
+    // On the first signal the jobs are cancelled, which ends every event stream with
+    // `Done{cancelled}`; the listener closes and open connections get SHUTDOWN_GRACE_SECS.
+    let first = {
+        let registry = registry.clone();
+        let signal = after(1);
+        async move {
+            signal.await;
             tracing::info!("shutting down: cancelling running jobs and destroying their sandboxes");
             tokio::spawn(async move { registry.shutdown(SHUTDOWN_GRACE).await });
         }
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(on_signal)
-        .await
-        .context("server error")?;
-    registry.shutdown(SHUTDOWN_GRACE).await;
+    tokio::select! {
+        _ = tiny_backspace::http::serve(listener, router(state), config.edge.clone(), first) => {}
+        _ = after(2) => tracing::warn!("second signal: not waiting for open connections"),
+    }
+    tokio::select! {
+        _ = registry.shutdown(SHUTDOWN_GRACE) => {}
+        _ = after(2) => {
+            tracing::warn!("second signal: exiting once the sandboxes are killed");
+            registry.shutdown(Duration::from_secs(5)).await;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

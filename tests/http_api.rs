@@ -881,3 +881,171 @@ async fn prompts_are_checked_and_scrubbed_of_keys() {
         "append \"b\" to a.txt; my key is [REDACTED]"
     );
 }
+
+/// Serves `app` with `limits` on a real socket; the returned sender shuts it down and the handle
+/// ends when `serve` has returned.
+async fn edge_server(
+    app: axum::Router,
+    limits: tiny_backspace::http::EdgeLimits,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tiny_backspace::http::serve(listener, app, limits, async {
+        let _ = stop_rx.await;
+    }));
+    (addr, stop_tx, server)
+}
+
+/// Reads until the server closes the connection; returns what it sent and how long that took.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection was not closed"),
+        }
+    }
+    (
+        String::from_utf8_lossy(&seen).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A client that never finishes its headers, or that goes quiet after a request, loses its
+/// connection at the configured timeouts; beyond the connection limit a new connection is closed
+/// at once and the service keeps answering the others.
+#[tokio::test]
+async fn slow_quiet_and_excess_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let api = api(HarnessOptions::default(), vec![], false).await;
+    let limits = tiny_backspace::http::EdgeLimits {
+        header_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(2),
+        max_connections: 3,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let (addr, stop, server) = edge_server(api.app.clone(), limits).await;
+
+    // Headers trickled a byte at a time (so the connection is never idle) still end at the
+    // header timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let trickle = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"X").await.is_err() {
+                break;
+            }
+        }
+        started.elapsed()
+    });
+    let took = trickle.await.unwrap();
+    assert!(
+        took < Duration::from_secs(4),
+        "slow header held for {took:?}"
+    );
+
+    // A keep-alive connection that sends no next request is closed too.
+    let mut quiet = tokio::net::TcpStream::connect(addr).await.unwrap();
+    quiet
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, took) = read_until_closed(&mut quiet).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        took < Duration::from_secs(4),
+        "quiet connection closed after {took:?}"
+    );
+
+    // Three held connections fill the limit: a fourth is closed at once, with nothing sent.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (answer, took) = read_until_closed(&mut excess).await;
+    assert_eq!(answer, "");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    drop(held);
+    // Once they are gone the service answers again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = tokio::net::TcpStream::connect(addr).await.unwrap();
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut again).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns")
+        .unwrap();
+}
+
+/// Shutdown always ends: a partial-header connection and an event stream whose job never ends
+/// are dropped after the grace, and `serve` returns.
+#[tokio::test]
+async fn shutdown_ends_within_the_grace_whatever_is_open() {
+    use tokio::io::AsyncWriteExt;
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let model = Scripted::new("model", vec![Step::Hang]);
+    let api = api(
+        HarnessOptions {
+            agents: vec![model],
+            ..HarnessOptions::default()
+        },
+        vec![],
+        true,
+    )
+    .await;
+    let limits = tiny_backspace::http::EdgeLimits {
+        header_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 16,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let (addr, stop, server) = edge_server(api.app.clone(), limits).await;
+    let job = api.harness.submit(repo.path(), "anything");
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET /jobs/{}/events HTTP/1.1\r\nHost: x\r\n\r\n", job.id()).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns within the grace")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let (_, took) = read_until_closed(&mut stream).await;
+    assert!(took < Duration::from_secs(2));
+    job.cancel();
+}

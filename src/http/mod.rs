@@ -3,6 +3,7 @@
 mod edge;
 mod error;
 mod handlers;
+mod server;
 mod sse;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use server::{EdgeLimits, raise_descriptor_limit, serve};
 pub use sse::sse_frame;
 
 use crate::job::JobRegistry;
