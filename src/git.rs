@@ -9,7 +9,9 @@
 //!   `trace2.*Target` would otherwise write wherever they say);
 //! - `core.hooksPath=/dev/null` and `core.fsmonitor=false`: no hook, no fsmonitor command;
 //! - a clean environment (`PATH` only) and `GIT_TERMINAL_PROMPT=0`: no inherited `GIT_*`
-//!   variable, no secret, and never a password prompt.
+//!   variable, no secret, and never a password prompt;
+//! - its own process group, killed whole when the call ends, times out or is dropped (a
+//!   cancelled job): a clone's `upload-pack` and `pack-objects` never outlive it.
 //!
 //! Commands the agent runs inside the sandbox are not host git; the sandbox launcher sets their
 //! environment.
@@ -69,6 +71,7 @@ impl HostGit {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         Ok(HostGit { command, home })
     }
@@ -114,8 +117,10 @@ impl HostGit {
         if stdin.is_some() {
             self.command.stdin(Stdio::piped());
         }
+        let mut group: Option<ProcessGroup> = None;
         let run = async {
             let mut child = self.command.spawn().map_err(GitError::Spawn)?;
+            group = child.id().map(ProcessGroup);
             if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
                 pipe.write_all(data).await.map_err(GitError::Io)?;
                 drop(pipe);
@@ -124,10 +129,27 @@ impl HostGit {
         };
         let out = tokio::time::timeout(timeout, run)
             .await
-            .map_err(|_| GitError::TimedOut(timeout))?;
-        // The private HOME goes only now, after git is done with it.
+            .map_err(|_| GitError::TimedOut(timeout));
+        // Whatever git started goes with it; then the private HOME, which git is done with.
+        drop(group);
         drop(self.home);
-        out
+        out?
+    }
+}
+
+/// Kills a process group when dropped: on every way out of [`HostGit::output`], the caller's
+/// future being dropped included.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            // ESRCH (nothing left) is the usual, fine outcome.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -209,5 +231,47 @@ mod tests {
             "ce013625030ba8dba906f756967f9e9ca394464a"
         );
         assert!(!home.exists());
+    }
+
+    /// A git call cut short (here by its timeout; a cancelled job drops it the same way) takes
+    /// everything it started with it, not only the `git` process itself.
+    #[tokio::test]
+    async fn a_call_cut_short_leaves_no_process_behind() {
+        let repo = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("git")
+            .args(["init", "-q"])
+            .arg(repo.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let dest = tempfile::tempdir().unwrap();
+        // The upload-pack command runs in a shell that git starts: a grandchild.
+        let marker = "sleep 3791";
+        let git = HostGit::new(dest.path())
+            .unwrap()
+            .allow_file_protocol()
+            .args([
+                "clone",
+                "-q",
+                "--upload-pack",
+                &format!("{marker}; git-upload-pack"),
+            ])
+            .arg(format!("file://{}", repo.path().display()))
+            .arg("copy");
+        let err = git
+            .output(None, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, GitError::TimedOut(_)), "{err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", marker])
+            .output()
+            .unwrap();
+        assert!(
+            left.stdout.is_empty(),
+            "left running: {}",
+            String::from_utf8_lossy(&left.stdout)
+        );
     }
 }
