@@ -113,6 +113,17 @@ fn boolean(vars: &HashMap<String, String>, name: &str) -> Result<Option<bool>, S
     }
 }
 
+/// A whole number that may be left unset (no limit).
+fn optional_number(vars: &HashMap<String, String>, name: &str) -> Result<Option<usize>, String> {
+    match vars.get(name).map(|v| v.trim()) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse::<usize>()
+            .map(|n| Some(n.max(1)))
+            .map_err(|_| format!("{name} must be a whole number, not `{v}`")),
+    }
+}
+
 fn number<T: std::str::FromStr>(
     vars: &HashMap<String, String>,
     name: &str,
@@ -191,6 +202,8 @@ impl Config {
                 defaults.max_retained_bytes / (1024 * 1024),
             )?
             .saturating_mul(1024 * 1024),
+            max_jobs_per_key: optional_number(&vars, "MAX_JOBS_PER_KEY")?,
+            key_rate_per_min: optional_number(&vars, "KEY_RATE_PER_MIN")?,
         };
         let max_change_bytes = number(&vars, "MAX_CHANGE_MB", 64u64)?
             .max(1)

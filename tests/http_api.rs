@@ -1049,3 +1049,81 @@ async fn shutdown_ends_within_the_grace_whatever_is_open() {
     assert!(took < Duration::from_secs(2));
     job.cancel();
 }
+
+/// One key cannot fill the queue for everyone: over its job limit or its rate it gets 429 with a
+/// `Retry-After`, while another key is still served.
+#[tokio::test]
+async fn a_key_over_its_limits_gets_429_while_others_are_served() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let model = Scripted::new("model", vec![Step::Hang, Step::Hang, Step::Hang]);
+    let harness = Harness::new(HarnessOptions {
+        agents: vec![model],
+        limits: Limits {
+            max_jobs_per_key: Some(1),
+            key_rate_per_min: Some(2),
+            ..Limits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .await;
+    let app = state_with(
+        &harness,
+        vec!["key-a-111111".into(), "key-b-222222".into()],
+        vec![],
+        vec![],
+    );
+    let submit = |key: &str| {
+        Request::post("/jobs")
+            .header("x-api-key", key)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"repoUrl": repo.path().display().to_string(), "prompt": "x"}).to_string(),
+            ))
+            .unwrap()
+    };
+    let accepted = |bytes: Vec<u8>| {
+        let id = serde_json::from_slice::<Value>(&bytes).unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        harness.registry.get(&id).unwrap()
+    };
+    let (status, _, bytes) = send(&app, submit("key-a-111111")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let first = accepted(bytes);
+    // A second job while the first runs: over MAX_JOBS_PER_KEY.
+    let (status, headers, bytes) = send(&app, submit("key-a-111111")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::TOO_MANY_REQUESTS, "key_limit_reached".into())
+    );
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    // Another key is served meanwhile.
+    let (status, _, _) = send(&app, submit("key-b-222222")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Once the first job ends, key A may submit again, until its rate (2 accepted a minute)
+    // runs out.
+    first.cancel();
+    support::harness::events_of(&first).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _, bytes) = send(&app, submit("key-a-111111")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let second = accepted(bytes);
+    second.cancel();
+    support::harness::events_of(&second).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(harness.registry.active(), 1, "only key B's job is left");
+    let (status, headers, bytes) = send(&app, submit("key-a-111111")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::TOO_MANY_REQUESTS, "key_limit_reached".into())
+    );
+    assert!(String::from_utf8_lossy(&bytes).contains("KEY_RATE_PER_MIN"));
+    let wait: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((55..=60).contains(&wait), "{wait}");
+    harness.registry.shutdown(Duration::from_secs(30)).await;
+}

@@ -266,6 +266,16 @@ fn submit(state: &AppState, caller: &Caller, request: JobRequest) -> Result<Arc<
                     err.to_string(),
                 )
             },
+            SubmitError::KeyBusy { retry_after, .. } | SubmitError::KeyRate { retry_after, .. } => {
+                ApiError {
+                    retry_after: Some(retry_after.as_secs().max(1)),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "key_limit_reached",
+                        err.to_string(),
+                    )
+                }
+            }
             SubmitError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

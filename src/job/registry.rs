@@ -41,6 +41,10 @@ pub struct Limits {
     pub max_retained: usize,
     /// How many bytes (events as JSON, plus patches) finished jobs may hold in all.
     pub max_retained_bytes: usize,
+    /// Running-or-queued jobs one API key may hold (`MAX_JOBS_PER_KEY`); `None`: no limit.
+    pub max_jobs_per_key: Option<usize>,
+    /// Jobs one API key may submit per minute (`KEY_RATE_PER_MIN`); `None`: no limit.
+    pub key_rate_per_min: Option<usize>,
 }
 
 impl Default for Limits {
@@ -51,6 +55,8 @@ impl Default for Limits {
             retention: Duration::from_secs(168 * 3600),
             max_retained: 500,
             max_retained_bytes: 256 * 1024 * 1024,
+            max_jobs_per_key: None,
+            key_rate_per_min: None,
         }
     }
 }
@@ -150,9 +156,25 @@ pub enum SubmitError {
         queued: usize,
         retry_after: Duration,
     },
+    #[error("this API key already has {active} jobs running or queued (MAX_JOBS_PER_KEY)")]
+    KeyBusy {
+        active: usize,
+        retry_after: Duration,
+    },
+    #[error("this API key submitted {count} jobs in the last minute (KEY_RATE_PER_MIN)")]
+    KeyRate { count: usize, retry_after: Duration },
     #[error("the service is shutting down")]
     ShuttingDown,
 }
+
+/// What one API key is using: its unfinished jobs and its submissions of the last minute.
+#[derive(Debug, Default)]
+struct KeyUse {
+    active: usize,
+    recent: std::collections::VecDeque<Instant>,
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How often finished jobs past their retention are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -161,6 +183,8 @@ pub struct JobRegistry {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Jobs admitted and not yet finished.
     active: AtomicUsize,
+    /// Per API key id, for `MAX_JOBS_PER_KEY` and `KEY_RATE_PER_MIN`.
+    keys: Mutex<HashMap<String, KeyUse>>,
     slots: Arc<Semaphore>,
     backends: Arc<Backends>,
     limits: Limits,
@@ -177,6 +201,7 @@ impl JobRegistry {
         let registry = Arc::new(Self {
             jobs: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
+            keys: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             backends,
             limits,
@@ -224,6 +249,9 @@ impl JobRegistry {
         if self.shutdown.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
+        if let Some(owner) = &owner {
+            self.admit_key(owner)?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let capacity = self.limits.max_concurrent + self.limits.max_queued;
         // Reserve a place first, so that concurrent submissions cannot overshoot the capacity.
@@ -235,6 +263,9 @@ impl JobRegistry {
         let active = match admitted {
             Ok(before) => before,
             Err(active) => {
+                if let Some(owner) = &owner {
+                    self.release_key(owner);
+                }
                 let running = active.min(self.limits.max_concurrent);
                 return Err(SubmitError::Busy {
                     running,
@@ -351,12 +382,68 @@ impl JobRegistry {
                 }
                 if let Some(registry) = registry.upgrade() {
                     registry.active.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(owner) = job.owner() {
+                        registry.release_key(owner);
+                    }
                     registry.prune();
                 }
             }
         };
         self.tasks.spawn(supervisor);
         Ok(job)
+    }
+
+    /// Counts a submission against its key's limits, or says when to come back. Only accepted
+    /// submissions count towards the rate.
+    fn admit_key(&self, owner: &str) -> Result<(), SubmitError> {
+        let (max_jobs, per_minute) = (self.limits.max_jobs_per_key, self.limits.key_rate_per_min);
+        if max_jobs.is_none() && per_minute.is_none() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let key = keys.entry(owner.to_owned()).or_default();
+        while key
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= RATE_WINDOW)
+        {
+            key.recent.pop_front();
+        }
+        if let Some(limit) = per_minute
+            && key.recent.len() >= limit
+        {
+            let oldest = key.recent.front().copied().unwrap_or(now);
+            return Err(SubmitError::KeyRate {
+                count: key.recent.len(),
+                retry_after: (RATE_WINDOW.saturating_sub(now.duration_since(oldest)))
+                    .max(Duration::from_secs(1)),
+            });
+        }
+        if let Some(limit) = max_jobs
+            && key.active >= limit
+        {
+            return Err(SubmitError::KeyBusy {
+                active: key.active,
+                retry_after: Duration::from_secs(30),
+            });
+        }
+        key.recent.push_back(now);
+        key.active += 1;
+        Ok(())
+    }
+
+    fn release_key(&self, owner: &str) {
+        if self.limits.max_jobs_per_key.is_none() && self.limits.key_rate_per_min.is_none() {
+            return;
+        }
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = keys.get_mut(owner) {
+            key.active = key.active.saturating_sub(1);
+            if key.active == 0 && key.recent.is_empty() {
+                keys.remove(owner);
+            }
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
