@@ -1127,3 +1127,44 @@ async fn a_key_over_its_limits_gets_429_while_others_are_served() {
     assert!((55..=60).contains(&wait), "{wait}");
     harness.registry.shutdown(Duration::from_secs(30)).await;
 }
+
+/// The HTTP layer's own refusals (too many or too large headers, a too long URI) have the JSON
+/// error shape too.
+#[tokio::test]
+async fn oversized_request_heads_get_json_errors() {
+    use tokio::io::AsyncWriteExt;
+    let api = api(HarnessOptions::default(), vec![], false).await;
+    let (addr, stop, _server) =
+        edge_server(api.app.clone(), tiny_backspace::http::EdgeLimits::default()).await;
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let large = format!("X-Large: {}\r\n", "v".repeat(40 * 1024));
+    let long_uri = format!("/jobs/{}", "a".repeat(10 * 1024));
+    for (request, status, code) in [
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n"),
+            "431",
+            "headers_too_large",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{large}Connection: close\r\n\r\n"),
+            "431",
+            "headers_too_large",
+        ),
+        (
+            format!("GET {long_uri} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            "414",
+            "uri_too_long",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let (answer, _) = read_until_closed(&mut stream).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        assert_eq!(error_code(body.as_bytes()), code);
+    }
+    let _ = stop.send(());
+}

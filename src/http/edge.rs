@@ -7,6 +7,8 @@
 //!   that is neither the service itself nor in `CORS_ALLOWED_ORIGINS` are refused.
 //! - `POST` bodies must be JSON: `text/plain` and form bodies are what a page can send cross-site
 //!   without a preflight, so refusing them closes that door too.
+//! - Oversized request heads (too many or too large headers, a too long URI) get the JSON error
+//!   shape like every other refusal.
 
 use std::sync::Arc;
 
@@ -16,6 +18,49 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
+
+/// At most this many request headers…
+pub const MAX_HEADERS: usize = 100;
+/// …holding at most this many bytes in all.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// The longest request target.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Refuses oversized request heads with the JSON error shape. Applied to every route.
+pub async fn limit_head(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request's headers are too large (at most {MAX_HEADERS} headers and {} KiB)",
+                MAX_HEADER_BYTES / 1024
+            ),
+        )
+        .into_response();
+    }
+    let uri = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if uri > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "the request target is longer than {} KiB",
+                MAX_URI_BYTES / 1024
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
 
 pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match check(&state, request.method(), request.headers(), request.uri()) {

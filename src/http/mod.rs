@@ -63,6 +63,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(edge::limit_head))
         .layer(TraceLayer::new_for_http())
         .with_state(state);
     if let Some(cors) = cors {

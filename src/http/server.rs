@@ -123,6 +123,10 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // Room above the edge's own limits (see `edge::MAX_HEADERS`), so that a request over
+        // them reaches the edge and gets a JSON error rather than hyper's bare one.
+        .max_headers(4 * super::edge::MAX_HEADERS)
+        .max_buf_size(16 * super::edge::MAX_HEADER_BYTES)
         .keep_alive(true);
     let connection = builder.serve_connection(io, TowerToHyperService::new(app));
     tokio::pin!(connection);
