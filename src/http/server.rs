@@ -127,6 +127,7 @@ async fn serve_connection(
         // them reaches the edge and gets a JSON error rather than hyper's bare one.
         .max_headers(4 * super::edge::MAX_HEADERS)
         .max_buf_size(16 * super::edge::MAX_HEADER_BYTES)
+        .writev(true)
         .keep_alive(true);
     let connection = builder.serve_connection(io, TowerToHyperService::new(app));
     tokio::pin!(connection);
@@ -194,6 +195,24 @@ impl AsyncWrite for Activity {
             self.touch();
         }
         polled
+    }
+
+    // Vectored writes let hyper queue a body's `Bytes` as they are instead of copying each
+    // response into its own buffer: a large patch served to many slow readers stays one copy.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
