@@ -2,16 +2,18 @@
 //! needs. Each connection gets a header read timeout (a slow-header client cannot hold a socket)
 //! and an idle timeout (a connection that moves no byte for that long is closed; event streams
 //! send a keep-alive every 15 s, so they stay open while they follow a job). At most
-//! `max_connections` are open at once: beyond that a new connection is closed at once, so the
-//! listener never stalls behind idle sockets. On shutdown the listener closes, open connections
-//! are asked to finish, and whatever is still open after the grace is dropped: the function
-//! always returns.
+//! `max_connections` are open at once (and never more than the open-file limit allows): when a
+//! new connection arrives at the limit, the connection that has been quiet longest is closed to
+//! make room, so idle sockets can never lock out a health check or a real client. On shutdown
+//! the listener closes, open connections are asked to finish, and whatever is still open after
+//! the grace is dropped: the function always returns.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +25,31 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Descriptors kept free for everything but client connections (jobs' pipes, files, git).
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// The open connections: when each last moved a byte, and how to close it.
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    connections: HashMap<u64, (Arc<AtomicU64>, CancellationToken)>,
+}
+
+impl Open {
+    /// Closes the connection that has been quiet longest.
+    fn shed_quietest(&mut self) {
+        let quietest = self
+            .connections
+            .iter()
+            .min_by_key(|(_, (last, _))| last.load(Ordering::Relaxed))
+            .map(|(id, _)| *id);
+        if let Some((_, close)) = quietest.and_then(|id| self.connections.remove(&id)) {
+            close.cancel();
+        }
+    }
+}
 
 /// The bounds of the HTTP edge (`HEADER_TIMEOUT_SECS`, `IDLE_TIMEOUT_SECS`, `MAX_CONNECTIONS`,
 /// `SHUTDOWN_GRACE_SECS`).
@@ -53,7 +80,10 @@ pub async fn serve(
     limits: EdgeLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max = effective_max_connections(limits.max_connections);
+    let slots = Arc::new(Semaphore::new(max));
+    let open = Arc::new(Mutex::new(Open::default()));
+    let epoch = Instant::now();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -73,20 +103,55 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max = limits.max_connections,
-                "connection limit reached; closing a new connection"
-            );
-            drop(stream);
-            continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::warn!(
+                    max,
+                    "connection limit reached; closing the quietest connection"
+                );
+                open.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .shed_quietest();
+                match tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) | Err(_) => {
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
+        let last = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
+        let close = CancellationToken::new();
+        let id = {
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            let id = open.next_id;
+            open.next_id += 1;
+            open.connections.insert(id, (last.clone(), close.clone()));
+            id
+        };
         let app = app.clone();
         let limits = limits.clone();
         let stop = stop_rx.clone();
+        let open = open.clone();
         connections.spawn(async move {
-            serve_connection(stream, app, &limits, stop).await;
+            let io = Activity {
+                inner: stream,
+                last,
+                epoch,
+            };
+            tokio::select! {
+                _ = serve_connection(io, app, &limits, stop) => {}
+                _ = close.cancelled() => tracing::debug!("closed to make room for a new connection"),
+            }
+            open.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .connections
+                .remove(&id);
             drop(permit);
         });
     }
@@ -106,19 +171,26 @@ pub async fn serve(
     }
 }
 
+/// The connection limit actually applied: the configured one, within what the open-file limit
+/// leaves after [`RESERVED_DESCRIPTORS`].
+fn effective_max_connections(configured: usize) -> usize {
+    let by_descriptors = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.saturating_sub(RESERVED_DESCRIPTORS).max(16))
+        .unwrap_or(u64::MAX);
+    configured
+        .max(1)
+        .min(usize::try_from(by_descriptors).unwrap_or(usize::MAX))
+}
+
 async fn serve_connection(
-    stream: TcpStream,
+    io: Activity,
     app: Router,
     limits: &EdgeLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let activity = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let io = TokioIo::new(Activity {
-        inner: stream,
-        last: activity.clone(),
-        started,
-    });
+    let activity = io.last.clone();
+    let epoch = io.epoch;
+    let io = TokioIo::new(io);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -133,7 +205,7 @@ async fn serve_connection(
     tokio::pin!(connection);
     let mut stopping = false;
     loop {
-        let last = started + Duration::from_millis(activity.load(Ordering::Relaxed));
+        let last = epoch + Duration::from_millis(activity.load(Ordering::Relaxed));
         let idle_deadline = last + limits.idle_timeout;
         tokio::select! {
             _ = connection.as_mut() => return,
@@ -145,7 +217,7 @@ async fn serve_connection(
                 }
             }
             _ = tokio::time::sleep_until(idle_deadline) => {
-                let last = started + Duration::from_millis(activity.load(Ordering::Relaxed));
+                let last = epoch + Duration::from_millis(activity.load(Ordering::Relaxed));
                 if Instant::now() >= last + limits.idle_timeout {
                     tracing::debug!("closing an idle connection");
                     return;
@@ -155,17 +227,17 @@ async fn serve_connection(
     }
 }
 
-/// A socket that records when it last moved a byte (milliseconds after `started`).
+/// A socket that records when it last moved a byte (milliseconds after the server's `epoch`).
 struct Activity {
     inner: TcpStream,
     last: Arc<AtomicU64>,
-    started: Instant,
+    epoch: Instant,
 }
 
 impl Activity {
     fn touch(&self) {
         self.last
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
