@@ -857,6 +857,22 @@ async fn prompts_are_checked_and_scrubbed_of_keys() {
         (status, error_code(&bytes)),
         (StatusCode::BAD_REQUEST, "invalid_prompt".into())
     );
+    // Relative local paths would resolve against the server's directory: refused.
+    for relative in [".", "./repo", "file://repo", "src"] {
+        let request = Request::post("/jobs")
+            .header("x-api-key", "key-a-111111")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"repoUrl": relative, "prompt": "x"}).to_string(),
+            ))
+            .unwrap();
+        let (status, _, bytes) = send(&app, request).await;
+        assert_eq!(
+            (status, error_code(&bytes)),
+            (StatusCode::BAD_REQUEST, "invalid_repo_url".into()),
+            "{relative}"
+        );
+    }
     let (status, _, bytes) = send(
         &app,
         submit("append \"b\" to a.txt; my key is key-a-111111"),

@@ -223,6 +223,23 @@ fn parse_request(
             ));
         }
     }
+    // A relative path would resolve against the server's working directory, which is nothing the
+    // client knows about: only absolute local paths are accepted over HTTP.
+    if state.repo_policy.allow_local {
+        let trimmed = repo_url.trim();
+        let path = trimmed.strip_prefix("file://").unwrap_or(trimmed);
+        let relative = !path.contains("://") && !path.starts_with('/');
+        if relative
+            && (trimmed.starts_with("file://")
+                || path.starts_with('.')
+                || std::path::Path::new(path).exists())
+        {
+            return Err(ApiError::bad_request(
+                "invalid_repo_url",
+                "a local repository must be given as an absolute path",
+            ));
+        }
+    }
     let repo = state
         .repo_policy
         .parse(&repo_url)
