@@ -100,7 +100,12 @@ fn run_shows_readable_progress_and_fails_with_a_non_zero_status() {
 
 /// Starts `serve` on a free port and returns it with its address.
 fn serve(envs: &[(&str, &str)]) -> (std::process::Child, String) {
-    let mut child = binary()
+    serve_with(binary(), envs)
+}
+
+/// [`serve`], with `command` (the binary, or a wrapper that runs it) as the program.
+fn serve_with(mut command: Command, envs: &[(&str, &str)]) -> (std::process::Child, String) {
+    let mut child = command
         .args(["serve"])
         .env("PORT", "0")
         .envs(envs.iter().copied())
@@ -225,4 +230,48 @@ fn serve_refuses_to_start_open_by_mistake() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{envs:?}: {stderr}");
     }
+}
+
+/// With only 256 descriptors, 300 idle connections do not lock the service out: it keeps its
+/// connections within the limit by closing the quietest, and `/healthz` is answered at once.
+#[test]
+fn idle_connections_beyond_the_descriptor_limit_leave_healthz_answering() {
+    let workspaces = tempfile::tempdir().unwrap();
+    let mut command = Command::new("prlimit");
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .args([
+            "--nofile=256:256",
+            "--",
+            env!("CARGO_BIN_EXE_tiny-backspace"),
+        ]);
+    let workspaces_path = workspaces.path().display().to_string();
+    let (mut server, addr) = serve_with(command, &[("WORKSPACE_DIR", &workspaces_path)]);
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut health = String::new();
+    http(
+        &addr,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .read_to_string(&mut health)
+    .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(server.wait().unwrap().success());
 }

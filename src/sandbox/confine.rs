@@ -73,15 +73,24 @@ pub fn confine_and_exec(spec: &ConfineSpec) -> i32 {
 }
 
 fn apply_rlimits(spec: &ConfineSpec) -> Result<(), nix::Error> {
-    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-    setrlimit(
+    lower_limit(Resource::RLIMIT_CORE, 0, 0)?;
+    lower_limit(
         Resource::RLIMIT_FSIZE,
         spec.max_file_bytes,
         spec.max_file_bytes,
     )?;
-    setrlimit(Resource::RLIMIT_NOFILE, 4096, 4096)?;
-    setrlimit(Resource::RLIMIT_CPU, spec.cpu_seconds, spec.cpu_seconds + 5)?;
+    lower_limit(Resource::RLIMIT_NOFILE, 4096, 4096)?;
+    lower_limit(Resource::RLIMIT_CPU, spec.cpu_seconds, spec.cpu_seconds + 5)?;
     Ok(())
+}
+
+/// Sets a limit no higher than the one already in force: an unprivileged process may only lower
+/// its hard limits, and where the operator already set a tighter one (a container, `prlimit`),
+/// that one stays.
+fn lower_limit(resource: Resource, soft: u64, hard: u64) -> Result<(), nix::Error> {
+    let (_, current_hard) = nix::sys::resource::getrlimit(resource)?;
+    let hard = hard.min(current_hard);
+    setrlimit(resource, soft.min(hard), hard)
 }
 
 fn apply_landlock(writable: &[PathBuf]) -> Result<(), String> {
