@@ -1252,3 +1252,23 @@ async fn rate_limits_are_waited_out_and_server_errors_backed_off() {
     assert_eq!(e.code, "github_unauthorized");
     assert_eq!(statuses(&fake, "GET", "/repos/alice/widgets"), [401]);
 }
+
+/// A named head branch that already exists upstream is refused up front; a new one passes.
+#[tokio::test]
+async fn an_existing_head_branch_is_refused_before_any_work() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, ALICE);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    let err = forge.check_new_branch(&info, "main").await.unwrap_err();
+    assert_eq!(err.code.as_str(), "branch_exists");
+    assert!(err.message.contains("alice/widgets"), "{}", err.message);
+    forge
+        .check_new_branch(&info, "tiny-backspace/new")
+        .await
+        .unwrap();
+}

@@ -975,3 +975,29 @@ async fn a_change_over_the_size_limit_is_refused_unread() {
         ""
     );
 }
+
+/// A head branch the request names that already exists is refused before anything is cloned,
+/// instead of after the agent has worked.
+#[tokio::test]
+async fn an_existing_head_branch_is_refused_before_the_clone() {
+    let repo = repo_with(&[("app.py", APP)]);
+    git(repo.path(), &["branch", "taken"]);
+    let h = Harness::new(HarnessOptions::default()).await;
+    let job = h
+        .registry
+        .submit(tiny_backspace::job::JobRequest {
+            branch: Some("taken".into()),
+            ..support::harness::request(repo.path(), "create a file n.txt with the text \"n\"")
+        })
+        .unwrap();
+    let events = events_of(&job).await;
+    let done = done(&events);
+    assert_eq!(done["error"]["code"], "branch_exists", "{done}");
+    assert!(shape(&events).contains(&"Status:clone:failed".to_owned()));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::ToolBash { .. }))
+    );
+    assert_eq!(h.live_workspaces(), 0);
+}

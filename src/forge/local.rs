@@ -29,6 +29,32 @@ impl Forge for LocalForge {
         "local"
     }
 
+    async fn check_new_branch(&self, info: &RepoInfo, branch: &str) -> Result<(), ForgeError> {
+        let RepoRef::Local { path } = &info.repo else {
+            return Ok(());
+        };
+        let exists = git(
+            path,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("refs/heads/{branch}"),
+            ],
+            None,
+            &[],
+        )
+        .await
+        .is_ok();
+        if exists {
+            return Err(ForgeError::new(
+                ErrorCode::BranchExists,
+                format!("branch `{branch}` already exists in {}", path.display()),
+            ));
+        }
+        Ok(())
+    }
+
     async fn prepare(
         &self,
         repo: &RepoRef,

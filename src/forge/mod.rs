@@ -121,6 +121,12 @@ pub trait Forge: Send + Sync {
         repo: &RepoRef,
         base_branch: Option<&str>,
     ) -> Result<RepoInfo, ForgeError>;
+    /// Refuses a head branch the request named that already exists where the change would go, so
+    /// the job stops before any work rather than after it. Forges that cannot tell say nothing;
+    /// `push_branch` refuses an existing branch in any case.
+    async fn check_new_branch(&self, _info: &RepoInfo, _branch: &str) -> Result<(), ForgeError> {
+        Ok(())
+    }
     /// Creates `branch` holding one commit: `change` applied on `change.base_commit`.
     async fn push_branch(
         &self,

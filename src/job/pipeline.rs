@@ -194,7 +194,15 @@ async fn work(
         Step::Sandbox,
         format!("Creating a {} sandbox", b.sandbox.name()),
     );
-    let prepare = Box::pin(forge.prepare(&request.repo, request.base_branch.as_deref()));
+    let prepare = Box::pin(async {
+        let info = forge
+            .prepare(&request.repo, request.base_branch.as_deref())
+            .await?;
+        if let Some(branch) = &request.branch {
+            forge.check_new_branch(&info, branch).await?;
+        }
+        Ok::<RepoInfo, crate::forge::ForgeError>(info)
+    });
     let (ready, info) = match select(Box::pin(lease.ready()), prepare).await {
         Either::Left((ready, prepare)) => (ready, prepare.await),
         Either::Right((Ok(info), ready)) => (ready.await, Ok(info)),

@@ -701,6 +701,27 @@ impl Forge for GithubForge {
         "github"
     }
 
+    async fn check_new_branch(&self, info: &RepoInfo, branch: &str) -> Result<(), ForgeError> {
+        // With a fork, the branch goes to a fork that may not exist yet: `push_branch` decides.
+        if info.publish != PublishMode::Push {
+            return Ok(());
+        }
+        let (owner, name) = remote(&info.repo)?;
+        let target = Target {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            fork: false,
+        };
+        match self.get_ref(&target, branch).await {
+            Ok(_) => Err(ForgeError::new(
+                ErrorCode::BranchExists,
+                format!("branch `{branch}` already exists in {owner}/{name}"),
+            )),
+            // Missing is what we want; any other answer is left to the push, which reports it.
+            Err(_) => Ok(()),
+        }
+    }
+
     async fn prepare(
         &self,
         repo: &RepoRef,
