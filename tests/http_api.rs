@@ -971,6 +971,48 @@ async fn slow_quiet_and_excess_connections_are_closed() {
         "slow header held for {took:?}"
     );
 
+    // So does a body trickled a byte at a time: the request is refused once the time is up.
+    let mut trickled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    trickled
+        .write_all(
+            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = trickled.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if writer.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    // Read the whole JSON error (it ends with `}}`), or until the connection ends.
+    while !String::from_utf8_lossy(&answer).ends_with("}}") {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut reader, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    trickle.abort();
+
     // A keep-alive connection that sends no next request is closed too.
     let mut quiet = tokio::net::TcpStream::connect(addr).await.unwrap();
     quiet

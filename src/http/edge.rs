@@ -62,6 +62,39 @@ pub async fn limit_head(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// Reads a request's whole body within `deadline` (in all, not per chunk: a client trickling a
+/// byte at a time is never idle, but it does not get to hold the connection), then hands the
+/// request on with the body in memory. Bodies are small (64 KiB at most).
+pub async fn read_body_within(
+    State(deadline): State<std::time::Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = super::MAX_BODY_BYTES;
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than {} KiB", limit / 1024),
+        )
+        .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                deadline.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
 pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match check(&state, request.method(), request.headers(), request.uri()) {
         Ok(()) => next.run(request).await,

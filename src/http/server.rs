@@ -201,6 +201,11 @@ async fn serve_connection(
         .max_buf_size(16 * super::edge::MAX_HEADER_BYTES)
         .writev(true)
         .keep_alive(true);
+    // A body must arrive within the header timeout too.
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        limits.header_timeout,
+        super::edge::read_body_within,
+    ));
     let connection = builder.serve_connection(io, TowerToHyperService::new(app));
     tokio::pin!(connection);
     let mut stopping = false;
