@@ -258,12 +258,7 @@ impl ToolExecutor {
     async fn text_of(&self, path: &RepoPath) -> Result<Result<String, ToolOutcome>, SandboxError> {
         let content = match self.sandbox.read_file(path).await {
             Ok(c) => c,
-            Err(
-                e @ (SandboxError::Path(_)
-                | SandboxError::NotFound(_)
-                | SandboxError::Io(_)
-                | SandboxError::TooLarge(_)),
-            ) => {
+            Err(e) if e.is_request_error() => {
                 return Ok(Err(ToolOutcome::error(e.to_string())));
             }
             Err(e) => return Err(e),
@@ -349,12 +344,7 @@ impl ToolExecutor {
                     truncate_middle(&listing, MODEL_OUTPUT_CAP).0,
                 ))
             }
-            Err(
-                e @ (SandboxError::Path(_)
-                | SandboxError::NotFound(_)
-                | SandboxError::Io(_)
-                | SandboxError::TooLarge(_)),
-            ) => Ok(ToolOutcome::error(e.to_string())),
+            Err(e) if e.is_request_error() => Ok(ToolOutcome::error(e.to_string())),
             Err(e) => Err(e),
         }
     }
@@ -439,12 +429,7 @@ impl ToolExecutor {
                         "{path} is a symbolic link to `{target}`"
                     )));
                 }
-                Err(
-                    e @ (SandboxError::Path(_)
-                    | SandboxError::NotFound(_)
-                    | SandboxError::Io(_)
-                    | SandboxError::TooLarge(_)),
-                ) => {
+                Err(e) if e.is_request_error() => {
                     return Ok(ToolOutcome::error(e.to_string()));
                 }
                 Err(e) => return Err(e),
@@ -500,12 +485,7 @@ impl ToolExecutor {
                     "{path} is a symbolic link to `{target}`; write the target instead"
                 )));
             }
-            Err(
-                e @ (SandboxError::Path(_)
-                | SandboxError::NotFound(_)
-                | SandboxError::Io(_)
-                | SandboxError::TooLarge(_)),
-            ) => {
+            Err(e) if e.is_request_error() => {
                 return Ok(ToolOutcome::error(e.to_string()));
             }
             Err(e) => return Err(e),
@@ -531,12 +511,7 @@ impl ToolExecutor {
     ) -> Result<ToolOutcome, SandboxError> {
         match self.sandbox.write_file(path, content.as_bytes()).await {
             Ok(()) => {}
-            Err(
-                e @ (SandboxError::Path(_)
-                | SandboxError::NotFound(_)
-                | SandboxError::Io(_)
-                | SandboxError::TooLarge(_)),
-            ) => {
+            Err(e) if e.is_request_error() => {
                 return Ok(ToolOutcome::error(e.to_string()));
             }
             Err(e) => return Err(e),

@@ -163,6 +163,22 @@ impl SandboxError {
         }
     }
 
+    /// Whether the request itself was at fault (a bad path, a missing file, a file too large):
+    /// for the agent's tools, a tool error the model can fix rather than the end of the job.
+    pub fn is_request_error(&self) -> bool {
+        match self {
+            SandboxError::Path(_)
+            | SandboxError::NotFound(_)
+            | SandboxError::Io(_)
+            | SandboxError::TooLarge(_) => true,
+            SandboxError::Create(_)
+            | SandboxError::Unconfined(_)
+            | SandboxError::Clone(_)
+            | SandboxError::Gone(_)
+            | SandboxError::Transport { .. } => false,
+        }
+    }
+
     /// The code of the `Error` event this failure becomes.
     pub fn code(&self) -> ErrorCode {
         match self {
