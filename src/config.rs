@@ -204,6 +204,7 @@ impl Config {
             .saturating_mul(1024 * 1024),
             max_jobs_per_key: optional_number(&vars, "MAX_JOBS_PER_KEY")?,
             key_rate_per_min: optional_number(&vars, "KEY_RATE_PER_MIN")?,
+            cleanup_backoff: defaults.cleanup_backoff,
         };
         let max_change_bytes = number(&vars, "MAX_CHANGE_MB", 64u64)?
             .max(1)

@@ -253,7 +253,7 @@ async fn api_keys_are_required_on_every_route_but_healthz() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         serde_json::from_slice::<Value>(&body).unwrap(),
-        json!({"status": "ok", "sandbox": "local", "agents": ["dummy"], "forge": "none"})
+        json!({"status": "ok", "sandbox": "local", "agents": ["dummy"], "forge": "none", "cleanup_pending": 0})
     );
     let body = json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string();
     for request in [

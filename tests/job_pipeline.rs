@@ -1001,3 +1001,57 @@ async fn an_existing_head_branch_is_refused_before_the_clone() {
     );
     assert_eq!(h.live_workspaces(), 0);
 }
+
+/// A sandbox whose kill fails is not left running: the cleanup step says so, the job still ends,
+/// and the kill is retried in the background (visible as `cleanup_pending`) until it succeeds.
+#[tokio::test]
+async fn a_failed_sandbox_kill_is_retried_until_the_sandbox_is_gone() {
+    let repo = repo_with(&[("app.py", APP)]);
+    let workspaces = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Faulty {
+        inner: local_sandbox(workspaces.path()).await,
+        fault: Fault::KillFailsFirst(3),
+    });
+    let h = Harness::new(HarnessOptions {
+        sandbox: Some(sandbox),
+        limits: tiny_backspace::job::Limits {
+            cleanup_backoff: Duration::from_millis(100),
+            ..tiny_backspace::job::Limits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h.submit(repo.path(), "create a file n.txt with the text \"n\"");
+    let events = events_of(&job).await;
+    assert_eq!(done(&events)["status"], "succeeded");
+    let cleanup: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Status {
+                step: tiny_backspace::event::Step::Cleanup,
+                state,
+                message,
+                ..
+            } => Some(format!("{state:?}: {message}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cleanup.len(), 2, "{cleanup:?}");
+    assert!(
+        cleanup[1].starts_with("Failed: Sandbox cleanup failed")
+            && cleanup[1].ends_with("retrying in the background"),
+        "{cleanup:?}"
+    );
+    assert_eq!(h.registry.cleanup_pending(), 1);
+    assert_eq!(std::fs::read_dir(workspaces.path()).unwrap().count(), 1);
+    // Two more failures (100 ms, then 200 ms), then the kill goes through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.registry.cleanup_pending() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kill was never retried to the end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_dir(workspaces.path()).unwrap().count(), 0);
+}

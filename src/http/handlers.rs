@@ -27,6 +27,7 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
         "sandbox": backends.sandbox.name(),
         "agents": backends.agent_names(),
         "forge": backends.forges.remote_name(),
+        "cleanup_pending": state.registry.cleanup_pending(),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! Jobs: the event wire format, the event log, the registry and the pipeline.
 
 pub mod change;
+pub mod cleaner;
 pub mod lease;
 pub mod log;
 pub mod pipeline;

@@ -18,8 +18,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Emitter;
 use super::change;
+use super::cleaner::Cleaner;
 use super::lease::SandboxLease;
 use super::pull_request::{branch_name, plural, pr_body, pr_title, short, summary_of};
 use super::registry::Job;
@@ -122,6 +122,7 @@ pub async fn run(
     backends: Arc<Backends>,
     cancel: CancellationToken,
     slots: Arc<Semaphore>,
+    cleaner: Arc<Cleaner>,
 ) {
     let started = job.started_at();
     let events = job.events();
@@ -172,7 +173,7 @@ pub async fn run(
             retryable: err.retryable,
         });
     }
-    cleanup(events, &lease).await;
+    cleanup(&job, &lease, &cleaner).await;
     finish(&job, result);
 }
 
@@ -464,30 +465,34 @@ async fn salvage(job: &Job, b: &Backends, lease: &SandboxLease) {
     }
 }
 
-async fn cleanup(events: &Emitter, lease: &SandboxLease) {
+/// Destroys the sandbox. A kill that fails or times out hands the sandbox to the cleaner, which
+/// keeps trying after the job has ended.
+async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner) {
+    let events = job.events();
     let Some(guard) = lease.release(CREATION_WAIT).await else {
+        skipped(events, Step::Cleanup, "no sandbox to clean up");
+        return;
+    };
+    let Some(sandbox) = guard.sandbox().cloned() else {
         skipped(events, Step::Cleanup, "no sandbox to clean up");
         return;
     };
     let mut step = StepRun::begin(events, Step::Cleanup, "Destroying the sandbox");
     // Cleanup must finish even when the job itself was cancelled or timed out.
-    match tokio::time::timeout(KILL_TIMEOUT, guard.kill()).await {
-        Ok(Ok(())) => step.succeed("Sandbox destroyed"),
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "sandbox cleanup failed");
-            step.fail(JobError::new(
-                err.code(),
-                format!("Sandbox cleanup failed: {err}"),
-            ));
-        }
-        Err(_) => {
-            tracing::error!("sandbox cleanup timed out");
-            step.fail(JobError::new(
-                ErrorCode::SandboxTransport,
-                "Sandbox cleanup timed out",
-            ));
-        }
-    }
+    let outcome = match tokio::time::timeout(KILL_TIMEOUT, guard.kill()).await {
+        Ok(Ok(())) => return step.succeed("Sandbox destroyed"),
+        Ok(Err(err)) => JobError::new(
+            err.code(),
+            format!("Sandbox cleanup failed: {err}; retrying in the background"),
+        ),
+        Err(_) => JobError::new(
+            ErrorCode::SandboxTransport,
+            "Sandbox cleanup timed out; retrying in the background",
+        ),
+    };
+    tracing::error!(error = %outcome.message, "sandbox cleanup failed");
+    cleaner.hand_over(job.id(), sandbox);
+    step.fail(outcome);
 }
 
 /// Appends the job's one `Done`.

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::cleaner::Cleaner;
 use super::pipeline::{self, Backends, Progress};
 use super::{Emitter, EventLog};
 use crate::event::{DoneStatus, ErrorCode, ErrorInfo, EventKind, Step, StepState};
@@ -45,6 +46,8 @@ pub struct Limits {
     pub max_jobs_per_key: Option<usize>,
     /// Jobs one API key may submit per minute (`KEY_RATE_PER_MIN`); `None`: no limit.
     pub key_rate_per_min: Option<usize>,
+    /// The first wait before a failed sandbox kill is tried again (it doubles, up to a minute).
+    pub cleanup_backoff: Duration,
 }
 
 impl Default for Limits {
@@ -57,6 +60,7 @@ impl Default for Limits {
             max_retained_bytes: 256 * 1024 * 1024,
             max_jobs_per_key: None,
             key_rate_per_min: None,
+            cleanup_backoff: Duration::from_secs(2),
         }
     }
 }
@@ -185,6 +189,8 @@ pub struct JobRegistry {
     active: AtomicUsize,
     /// Per API key id, for `MAX_JOBS_PER_KEY` and `KEY_RATE_PER_MIN`.
     keys: Mutex<HashMap<String, KeyUse>>,
+    /// Sandboxes whose kill failed, still being killed.
+    cleaner: Arc<Cleaner>,
     slots: Arc<Semaphore>,
     backends: Arc<Backends>,
     limits: Limits,
@@ -202,6 +208,7 @@ impl JobRegistry {
             jobs: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
             keys: Mutex::new(HashMap::new()),
+            cleaner: Arc::new(Cleaner::new(limits.cleanup_backoff)),
             slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             backends,
             limits,
@@ -322,12 +329,13 @@ impl JobRegistry {
             let job = job.clone();
             let backends = self.backends.clone();
             let slots = self.slots.clone();
+            let cleaner = self.cleaner.clone();
             let registry = Arc::downgrade(self);
             async move {
                 // Every log line of the job (providers, sandbox, forge) carries its id.
                 let span = tracing::info_span!("job", job_id = %job.id);
                 let work = tokio::spawn(
-                    pipeline::run(job.clone(), backends, job.cancel.clone(), slots)
+                    pipeline::run(job.clone(), backends, job.cancel.clone(), slots, cleaner)
                         .instrument(span),
                 );
                 if let Err(err) = work.await {
@@ -450,6 +458,11 @@ impl JobRegistry {
         self.lock().get(id).cloned()
     }
 
+    /// Sandboxes whose kill failed and is still being retried.
+    pub fn cleanup_pending(&self) -> usize {
+        self.cleaner.pending()
+    }
+
     /// Jobs admitted and not yet finished.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
@@ -495,6 +508,13 @@ impl JobRegistry {
             .is_err()
         {
             tracing::warn!("some jobs did not finish cleaning up before shutdown");
+        }
+        if self.cleaner.pending() > 0 {
+            tracing::warn!(
+                pending = self.cleaner.pending(),
+                "waiting briefly for sandbox kills still being retried"
+            );
+            self.cleaner.drain(grace.min(Duration::from_secs(10))).await;
         }
         self.stopped.cancel();
     }

@@ -292,6 +292,8 @@ pub enum Fault {
     CloneFails,
     /// Every `exec` of the pipeline's change collection times out.
     CollectTimesOut,
+    /// The first N kills fail (the sandbox lives on).
+    KillFailsFirst(u32),
 }
 
 /// Wraps a sandbox provider and injects one fault.
@@ -303,6 +305,7 @@ pub struct Faulty {
 struct FaultySandbox {
     inner: Arc<dyn tiny_backspace::sandbox::Sandbox>,
     fault: Fault,
+    kills: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait]
@@ -325,6 +328,7 @@ impl SandboxProvider for Faulty {
         Ok(Arc::new(FaultySandbox {
             inner,
             fault: self.fault,
+            kills: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 }
@@ -383,6 +387,15 @@ impl tiny_backspace::sandbox::Sandbox for FaultySandbox {
         self.inner.list_dir(path, depth).await
     }
     async fn kill(&self) -> Result<(), tiny_backspace::sandbox::SandboxError> {
+        let attempt = self.kills.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Fault::KillFailsFirst(failures) = self.fault
+            && attempt < failures
+        {
+            return Err(tiny_backspace::sandbox::SandboxError::Transport {
+                message: "injected: kill failed".into(),
+                retryable: true,
+            });
+        }
         self.inner.kill().await
     }
 }
