@@ -1272,3 +1272,40 @@ async fn an_existing_head_branch_is_refused_before_any_work() {
         .await
         .unwrap();
 }
+
+/// The pull request is created, its answer is lost, and every retry fails too: the forge looks
+/// before it gives up, finds the open pull request and adopts it, so the job is not reported as
+/// failed with its pull request open.
+#[tokio::test]
+async fn a_pull_request_whose_answers_were_all_lost_is_found_and_adopted() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    let base = fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, ALICE);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    let work = change(&base, vec![text("README.md", "lost\n")]);
+    let pushed = forge
+        .push_branch(&info, &work, "tb/lost", "lost\n")
+        .await
+        .unwrap();
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").after_success());
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").times(20));
+    let pr = forge
+        .open_pull_request(&info, &pushed, &draft("Lost answers"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pr.number, 1);
+    assert_eq!(fake.pulls().len(), 1);
+    let statuses: Vec<u16> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/pulls") || r.path.contains("/pulls?"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses.first(), Some(&502));
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+}

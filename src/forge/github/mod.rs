@@ -928,6 +928,26 @@ impl Forge for GithubForge {
         let ctx = Ctx::new("open the pull request", full.clone(), PULL_NEEDS);
         let pulls = self.client(&ctx)?.pulls(owner, name);
 
+        // How the pull request names its head, for finding one that already exists.
+        let head = if from_fork {
+            pushed.head_ref.clone()
+        } else {
+            format!("{owner}:{}", pushed.head_ref)
+        };
+        let find_open = || async {
+            let ctx = Ctx::new("find the existing pull request", full.clone(), READ_NEEDS);
+            let page = self
+                .call(&ctx, || {
+                    pulls
+                        .list()
+                        .head(head.clone())
+                        .state(octocrab::params::State::Open)
+                        .send()
+                })
+                .await?;
+            Ok::<_, ForgeError>(page.items.into_iter().next())
+        };
+
         let mut draft = pr.draft;
         let created = loop {
             // A repeat after a lost answer meets "already exists", handled below.
@@ -951,6 +971,16 @@ impl Forge for GithubForge {
                     tracing::info!(repo = %full, "github: draft pull requests unavailable ({}); opening a normal one", f.message);
                     draft = false;
                 }
+                // The outcome is unknown (a 5xx, a timeout, a connection lost after sending): the
+                // pull request may exist although every answer was lost. Look before failing, so
+                // a job whose pull request is open is never reported as failed.
+                Err(f) if f.status().is_none_or(|s| s >= 500) => match find_open().await {
+                    Ok(Some(existing)) => {
+                        tracing::warn!(repo = %full, head = %head, "github: the pull request was created although its answer was lost; adopting it");
+                        break Some(existing);
+                    }
+                    Ok(None) | Err(_) => return Err(self.fail(f, &ctx)),
+                },
                 Err(f) => return Err(self.fail(f, &ctx)),
             }
         };
@@ -958,22 +988,7 @@ impl Forge for GithubForge {
             Some(created) => created,
             None => {
                 // Opened by an earlier attempt: find it.
-                let head = if from_fork {
-                    pushed.head_ref.clone()
-                } else {
-                    format!("{owner}:{}", pushed.head_ref)
-                };
-                let ctx = Ctx::new("find the existing pull request", full.clone(), READ_NEEDS);
-                let page = self
-                    .call(&ctx, || {
-                        pulls
-                            .list()
-                            .head(head.clone())
-                            .state(octocrab::params::State::Open)
-                            .send()
-                    })
-                    .await?;
-                page.items.into_iter().next().ok_or_else(|| {
+                find_open().await?.ok_or_else(|| {
                     ForgeError::new(
                         ErrorCode::GithubValidationFailed,
                         format!(
