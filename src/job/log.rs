@@ -68,6 +68,9 @@ impl EventLog {
     /// Appends an event and returns its sequence number. After `Done` the log is closed: later
     /// appends are dropped (and return `None`), which is what makes `Done` always last.
     pub fn append(&self, kind: EventKind) -> Option<u64> {
+        // Sized outside the lock: a `Diff` event can be hundreds of KiB of JSON, and readers wait
+        // on this lock. The `timestamp` field adds at most 27 bytes.
+        let bytes = serde_json::to_vec(&kind).map_or(0, |v| v.len()) + 27;
         let seq = {
             let mut inner = self.lock();
             if inner.closed {
@@ -79,7 +82,7 @@ impl EventLog {
                 kind,
                 timestamp: crate::now_ms(),
             };
-            inner.bytes += serde_json::to_vec(&event).map(|v| v.len()).unwrap_or(0);
+            inner.bytes += bytes;
             inner.summary.apply(&event);
             inner.events.push(Sequenced { seq, event });
             seq
