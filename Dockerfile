@@ -5,16 +5,18 @@ WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
-    && echo 'fn main() {}' > benches/pipeline.rs && echo 'fn main() {}' > benches/e2b.rs \
+    && for b in pipeline e2b sandbox; do echo 'fn main() {}' > benches/$b.rs; done \
     && cargo build --release --locked --bin tiny-backspace && rm -rf src benches
 COPY src ./src
 COPY benches ./benches
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin tiny-backspace
 
-# Runtime stage: slim Debian with git (clones, diffs) and CA certificates (GitHub, E2B, models).
+# Runtime stage: slim Debian with git (clones, diffs), CA certificates (GitHub, E2B, models), and
+# what the local sandbox offers the agent (python3, make). The server runs as a non-root user: the
+# local sandbox then uses user namespaces where the container runtime allows them, else Landlock.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git ca-certificates \
+    && apt-get install -y --no-install-recommends git ca-certificates python3 make \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 tiny
 COPY --from=build /src/target/release/tiny-backspace /usr/local/bin/tiny-backspace

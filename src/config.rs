@@ -22,6 +22,8 @@ use crate::redact::Redactor;
 use crate::repo::RepoPolicy;
 use crate::sandbox::SandboxProvider;
 use crate::sandbox::e2b::{E2bConfig, E2bProvider};
+use crate::sandbox::local::isolation::{HostIds, IsolationChoice};
+use crate::sandbox::local::limits::{JobLimits, MIB};
 use crate::sandbox::local::{LocalConfig, LocalProvider};
 
 /// Which sandbox backend to use.
@@ -66,6 +68,12 @@ pub struct Config {
     pub allow_workflow_changes: bool,
     pub allow_unconfined_sandbox: bool,
     pub workspace_dir: Option<PathBuf>,
+    /// The local sandbox: `SANDBOX_ISOLATION`, the `SANDBOX_MAX_*` limits, `SANDBOX_READ_PATHS`
+    /// and the host ids commands run as when the server is root (`SANDBOX_UID`, `SANDBOX_GID`).
+    pub sandbox_isolation: IsolationChoice,
+    pub sandbox_limits: JobLimits,
+    pub sandbox_read_paths: Vec<PathBuf>,
+    pub sandbox_ids: HostIds,
     /// The variables themselves, for the backends that read their own (E2B, providers, GitHub).
     vars: HashMap<String, String>,
 }
@@ -210,6 +218,41 @@ impl Config {
             .max(1)
             .saturating_mul(1024 * 1024);
         let job_timeout = Duration::from_secs(number(&vars, "JOB_TIMEOUT_SECS", 1800u64)?.max(1));
+        let sandbox_defaults = JobLimits::default();
+        let megabytes = |name: &str, default: u64| -> Result<u64, String> {
+            Ok(number(&vars, name, default / MIB)?
+                .max(1)
+                .saturating_mul(MIB))
+        };
+        let sandbox_limits = JobLimits {
+            max_procs: number(&vars, "SANDBOX_MAX_PROCS", sandbox_defaults.max_procs)?.max(8),
+            max_memory_bytes: megabytes(
+                "SANDBOX_MAX_MEMORY_MB",
+                sandbox_defaults.max_memory_bytes,
+            )?,
+            max_disk_bytes: megabytes("SANDBOX_MAX_DISK_MB", sandbox_defaults.max_disk_bytes)?,
+        };
+        let sandbox_read_paths: Vec<PathBuf> = list(get("SANDBOX_READ_PATHS"))
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        if let Some(relative) = sandbox_read_paths.iter().find(|p| !p.is_absolute()) {
+            return Err(format!(
+                "SANDBOX_READ_PATHS must hold absolute paths, not `{}`",
+                relative.display()
+            ));
+        }
+        let sandbox_ids = HostIds {
+            uid: number(&vars, "SANDBOX_UID", 65534u32)?,
+            gid: number(&vars, "SANDBOX_GID", 65534u32)?,
+        };
+        if sandbox_ids.uid == 0 || sandbox_ids.gid == 0 {
+            return Err("SANDBOX_UID and SANDBOX_GID must not be 0 (root)".into());
+        }
+        let sandbox_isolation = match get("SANDBOX_ISOLATION") {
+            Some(value) => IsolationChoice::parse(value.trim())?,
+            None => IsolationChoice::Auto,
+        };
         // A key variable that is set but names no key (`API_KEYS=","`) must not silently leave
         // the service open: refuse to start.
         let keys = |name: &str| -> Result<Vec<String>, String> {
@@ -289,6 +332,10 @@ impl Config {
             allow_workflow_changes: boolean(&vars, "ALLOW_WORKFLOW_CHANGES")?.unwrap_or(false),
             allow_unconfined_sandbox: boolean(&vars, "ALLOW_UNCONFINED_SANDBOX")?.unwrap_or(false),
             workspace_dir: get("WORKSPACE_DIR").map(PathBuf::from),
+            sandbox_isolation,
+            sandbox_limits,
+            sandbox_read_paths,
+            sandbox_ids,
             vars,
         })
     }
@@ -357,6 +404,10 @@ impl Config {
                     local.root = dir.clone();
                 }
                 local.allow_unconfined = self.allow_unconfined_sandbox;
+                local.isolation = self.sandbox_isolation;
+                local.limits = self.sandbox_limits;
+                local.read_paths = self.sandbox_read_paths.clone();
+                local.run_as = self.sandbox_ids;
                 local.max_read_bytes = self.max_change_bytes;
                 Arc::new(LocalProvider::new(local).await.map_err(|e| e.to_string())?)
             }

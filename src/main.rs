@@ -14,7 +14,7 @@ use tiny_backspace::event::{DoneStatus, EventKind, StepState};
 use tiny_backspace::http::{AppState, router};
 use tiny_backspace::job::{JobRegistry, JobRequest};
 use tiny_backspace::redact::Redactor;
-use tiny_backspace::sandbox::confine::{self, ConfineSpec};
+use tiny_backspace::sandbox::local::launcher;
 
 #[derive(Parser)]
 #[command(
@@ -58,11 +58,11 @@ fn main() -> ExitCode {
     // else so that it reads no configuration and starts no runtime.
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__sandbox-exec") {
-        return match parse_confine(&args[2..]) {
-            Ok(spec) => confine::run(&spec),
+        return match launcher::parse_arguments(&args[2..]) {
+            Ok((spec, program)) => launcher::run(&spec, &program),
             Err(err) => {
                 eprintln!("tiny-backspace __sandbox-exec: {err}");
-                ExitCode::from(confine::EXIT_CONFINEMENT_FAILED as u8)
+                ExitCode::from(launcher::EXIT_CONFINEMENT_FAILED as u8)
             }
         };
     }
@@ -107,47 +107,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn parse_confine(args: &[String]) -> Result<ConfineSpec, String> {
-    let mut spec = ConfineSpec {
-        writable: Vec::new(),
-        allow_unconfined: false,
-        cpu_seconds: 3600,
-        max_file_bytes: 1 << 30,
-        program: Vec::new(),
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--write" => spec.writable.push(PathBuf::from(value("--write")?)),
-            "--allow-unconfined" => spec.allow_unconfined = true,
-            "--cpu-seconds" => {
-                spec.cpu_seconds = value("--cpu-seconds")?
-                    .parse()
-                    .map_err(|_| "bad --cpu-seconds")?
-            }
-            "--max-file-bytes" => {
-                spec.max_file_bytes = value("--max-file-bytes")?
-                    .parse()
-                    .map_err(|_| "bad --max-file-bytes")?
-            }
-            "--" => {
-                spec.program = it.cloned().collect();
-                break;
-            }
-            other => return Err(format!("unknown argument `{other}`")),
-        }
-    }
-    if spec.program.is_empty() {
-        return Err("no program given after --".into());
-    }
-    Ok(spec)
 }
 
 /// Log lines go through the redactor too: a secret that slipped into a message prints as
@@ -212,6 +171,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr),
         sandbox = registry.backends().sandbox.name(),
+        isolation = registry.backends().sandbox.isolation(),
+        limits = registry.backends().sandbox.limits(),
         agents = ?registry.backends().agent_names(),
         forge = registry.backends().forges.remote_name(),
         auth = !config.api_keys.is_empty(),

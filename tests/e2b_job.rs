@@ -55,6 +55,14 @@ impl SandboxProvider for Counting {
         self.inner.name()
     }
 
+    fn isolation(&self) -> &'static str {
+        self.inner.isolation()
+    }
+
+    fn limits(&self) -> &'static str {
+        self.inner.limits()
+    }
+
     async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
         let before = self.fake.request_count();
         let sandbox = self.inner.create(job_id).await;

@@ -251,9 +251,21 @@ async fn api_keys_are_required_on_every_route_but_healthz() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    let mut health = serde_json::from_slice::<Value>(&body).unwrap();
+    // The level and the limits' enforcement are this host's; the rest is fixed.
+    let isolation = health["isolation"].take();
+    assert!(
+        ["namespaces", "landlock"].contains(&isolation.as_str().unwrap()),
+        "{isolation}"
+    );
+    let limits = health["limits"].take();
+    assert!(
+        ["cgroup2", "cgroup1", "rlimits"].contains(&limits.as_str().unwrap()),
+        "{limits}"
+    );
     assert_eq!(
-        serde_json::from_slice::<Value>(&body).unwrap(),
-        json!({"status": "ok", "sandbox": "local", "agents": ["dummy"], "forge": "none", "cleanup_pending": 0})
+        health,
+        json!({"status": "ok", "sandbox": "local", "isolation": null, "limits": null, "agents": ["dummy"], "forge": "none", "cleanup_pending": 0})
     );
     let body = json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string();
     for request in [

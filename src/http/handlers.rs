@@ -25,6 +25,8 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
         "sandbox": backends.sandbox.name(),
+        "isolation": backends.sandbox.isolation(),
+        "limits": backends.sandbox.limits(),
         "agents": backends.agent_names(),
         "forge": backends.forges.remote_name(),
         "cleanup_pending": state.registry.cleanup_pending(),

@@ -4,7 +4,6 @@
 //! Paths given to a sandbox are relative to the repository root inside it (the clone target).
 //! Every backend refuses paths that escape that root.
 
-pub mod confine;
 pub mod e2b;
 pub mod local;
 pub mod path;
@@ -233,6 +232,13 @@ pub trait Sandbox: Send + Sync {
 pub trait SandboxProvider: Send + Sync {
     /// `local` or `e2b`, as shown in `Job Started` and `/healthz`.
     fn name(&self) -> &'static str;
+    /// How commands are kept apart from the host, as `/healthz` shows it: the local backend's
+    /// level (`namespaces`, `landlock`, `none`), or `vm` for a backend whose sandboxes are
+    /// machines of their own.
+    fn isolation(&self) -> &'static str;
+    /// How per-job resource limits are enforced, as `/healthz` shows it: `cgroup2`, `cgroup1`
+    /// or `rlimits` for the local backend, `vm` where each sandbox is a machine with its own.
+    fn limits(&self) -> &'static str;
     async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError>;
 }
 

@@ -314,6 +314,14 @@ impl SandboxProvider for Faulty {
         self.inner.name()
     }
 
+    fn isolation(&self) -> &'static str {
+        self.inner.isolation()
+    }
+
+    fn limits(&self) -> &'static str {
+        self.inner.limits()
+    }
+
     async fn create(
         &self,
         job_id: &str,

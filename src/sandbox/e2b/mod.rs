@@ -382,6 +382,14 @@ impl SandboxProvider for E2bProvider {
         "e2b"
     }
 
+    fn isolation(&self) -> &'static str {
+        "vm"
+    }
+
+    fn limits(&self) -> &'static str {
+        "vm"
+    }
+
     async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
         let sandbox: Arc<dyn Sandbox> = self.create_sandbox(job_id).await?;
         Ok(sandbox)

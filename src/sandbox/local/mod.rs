@@ -3,17 +3,23 @@
 //! Layout: `<root>/<job_id>/repo` (the clone, the agent's working copy) and `<root>/<job_id>/tmp`
 //! (its private `TMPDIR` and `HOME`), plus a marker file that says the workspace is ours and, by
 //! a lock held while the workspace is in use, that it is live: at start-up, marked workspaces
-//! nobody holds (left by a process that crashed) are removed. The host clones the repository; every command then runs
-//! through `tiny-backspace __sandbox-exec` (see `confine.rs`) in its own process group, with a
-//! clean environment, and is killed with its whole group at its timeout.
+//! nobody holds (left by a process that crashed) are removed.
 //!
-//! File operations are done by the host, so they resolve paths with `openat2(RESOLVE_BENEATH)`
-//! and refuse symlinks: a link planted by a command cannot make us read or write outside the
-//! workspace.
+//! The host clones the repository; every command then runs through `tiny-backspace
+//! __sandbox-exec` ([`launcher`]) in its own process group, with a clean environment, isolated
+//! at the level decided at start-up ([`isolation`]), within the job's limits ([`limits`]), and is
+//! killed with everything it started at its timeout or when it runs into a limit. File
+//! operations are done by the host ([`files`]).
+
+mod files;
+mod fork;
+pub mod isolation;
+pub mod launcher;
+pub mod limits;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -23,26 +29,26 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::capped::CappedBuf;
 use crate::git::{GitError, HostGit};
 
+use self::files::{chown_tree, content_len, list_beneath, mib, read_beneath, write_beneath};
+use self::isolation::{HostIds, Isolation, IsolationChoice};
+use self::launcher::LaunchSpec;
+use self::limits::{CgroupParent, Enforcement, JobCgroup, JobLimits, LimitHit};
 use super::{
     CloneSpec, Cloned, DirEntry, ExecOutput, ExecRequest, FileContent, RepoPath, Sandbox,
     SandboxError, SandboxProvider,
 };
 
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Entries `list_dir` returns at most.
-const MAX_LIST_ENTRIES: usize = 5000;
-/// Files `read_file` reads at most.
-const MAX_READ_BYTES: u64 = 100 * 1024 * 1024;
 /// The file in each workspace directory that marks it as one this service created. Commands
 /// cannot write there (only `repo` and `tmp` are writable to them).
 const WORKSPACE_MARKER: &str = ".tiny-backspace-workspace";
 const MARKER_CONTENT: &[u8] = b"tiny-backspace workspace\n";
+/// How often the job's cgroup counters are read while a command runs.
+const LIMIT_POLL: Duration = Duration::from_millis(100);
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -51,8 +57,18 @@ pub struct LocalConfig {
     pub root: PathBuf,
     /// The `tiny-backspace` binary that provides `__sandbox-exec`.
     pub launcher: PathBuf,
-    /// Run commands even where the kernel cannot confine them (an explicit operator decision).
+    /// `SANDBOX_ISOLATION`.
+    pub isolation: IsolationChoice,
+    /// Run commands even where the kernel cannot isolate them (an explicit operator decision).
     pub allow_unconfined: bool,
+    /// `SANDBOX_MAX_PROCS`, `SANDBOX_MAX_MEMORY_MB`, `SANDBOX_MAX_DISK_MB`.
+    pub limits: JobLimits,
+    /// `SANDBOX_READ_PATHS`: extra host directories commands may read (toolchains).
+    pub read_paths: Vec<PathBuf>,
+    /// Who commands run as on the host when the server is root (`SANDBOX_UID`, `SANDBOX_GID`).
+    pub run_as: HostIds,
+    /// Use a job cgroup where one can be created (else rlimits).
+    pub cgroups: bool,
     /// Largest file a command may write.
     pub max_file_bytes: u64,
     /// Bytes one `read_files` call returns at most, all files together.
@@ -64,26 +80,42 @@ impl LocalConfig {
         Self {
             root: std::env::temp_dir().join("tiny-backspace"),
             launcher,
+            isolation: IsolationChoice::Auto,
             allow_unconfined: false,
+            limits: JobLimits::default(),
+            read_paths: Vec::new(),
+            run_as: HostIds {
+                uid: 65534,
+                gid: 65534,
+            },
+            cgroups: true,
             max_file_bytes: 1024 * 1024 * 1024,
             max_read_bytes: super::DEFAULT_MAX_READ_BYTES,
         }
     }
 }
 
-pub struct LocalProvider {
+/// What start-up decided: shared by every sandbox of the provider.
+#[derive(Debug)]
+struct Host {
     config: LocalConfig,
+    isolation: Isolation,
+    enforcement: Enforcement,
+    /// Who commands run as, when not as the server itself.
+    run_as: Option<HostIds>,
+}
+
+pub struct LocalProvider {
+    host: Arc<Host>,
 }
 
 impl LocalProvider {
-    /// Checks that commands can be confined on this kernel (by running one), and refuses
-    /// otherwise unless `allow_unconfined` is set.
-    /// Workspaces an earlier process left behind (it crashed before cleaning up) are removed
-    /// first; see [`sweep_workspaces`].
+    /// Decides the isolation level by running a command at each candidate level, strongest
+    /// first, and refuses when none works (naming what is missing) unless `allow_unconfined`
+    /// is set. Workspaces an earlier process left behind (it crashed before cleaning up) are
+    /// removed first; see [`sweep_workspaces`].
     pub async fn new(config: LocalConfig) -> Result<Self, SandboxError> {
-        std::fs::create_dir_all(&config.root).map_err(|e| {
-            SandboxError::Create(format!("workspace root {}: {e}", config.root.display()))
-        })?;
+        create_root(&config.root)?;
         let root = config.root.clone();
         let swept = tokio::task::spawn_blocking(move || sweep_workspaces(&root))
             .await
@@ -96,36 +128,108 @@ impl LocalProvider {
                 "removed workspaces left by an earlier run"
             );
         }
-        let probe = tempfile::tempdir_in(&config.root)
-            .map_err(|e| SandboxError::Create(format!("probe workspace: {e}")))?;
-        let sandbox = LocalSandbox::at(probe.path().to_path_buf(), config.clone())?;
-        let out = sandbox
-            .run(
-                &ExecRequest::new("true").timeout(Duration::from_secs(20)),
-                probe.path(),
-            )
-            .await?;
-        if out.exit_code == super::confine::EXIT_CONFINEMENT_FAILED {
-            return Err(SandboxError::Unconfined(format!(
-                "{} Set ALLOW_UNCONFINED_SANDBOX=true to run commands without confinement (not recommended), or use SANDBOX=e2b.",
-                crate::text::lossy(&out.stderr).trim()
-            )));
+        let enforcement = if config.cgroups {
+            let (found, why_not) = tokio::task::spawn_blocking(Enforcement::detect)
+                .await
+                .map_err(|e| SandboxError::Create(format!("cgroup detection failed: {e}")))?;
+            if let Some(reason) = why_not {
+                tracing::info!(reason = %reason, "no job cgroups: limits are rlimits");
+            }
+            found
+        } else {
+            Enforcement::Rlimits
+        };
+        let run_as = nix::unistd::geteuid().is_root().then_some(config.run_as);
+        let mut missing = Vec::new();
+        let mut levels = config.isolation.candidates().to_vec();
+        if config.allow_unconfined {
+            levels.push(Isolation::None);
         }
-        if !out.success() {
-            return Err(SandboxError::Create(format!(
-                "the sandbox launcher {} does not work: {}",
-                config.launcher.display(),
-                out.combined().trim()
-            )));
+        for isolation in levels {
+            let host = Arc::new(Host {
+                config: config.clone(),
+                isolation,
+                enforcement: enforcement.clone(),
+                run_as,
+            });
+            match probe(&host).await? {
+                None => {
+                    if isolation == Isolation::None {
+                        tracing::warn!(missing = %missing.join("; "), "commands run WITHOUT isolation (ALLOW_UNCONFINED_SANDBOX=true)");
+                    }
+                    return Ok(Self { host });
+                }
+                Some(reason) => missing.push(format!("{}: {reason}", isolation.name())),
+            }
         }
-        Ok(Self { config })
+        Err(SandboxError::Unconfined(format!(
+            "no isolation level works here ({}). Set ALLOW_UNCONFINED_SANDBOX=true to run commands without isolation (not recommended), or use SANDBOX=e2b.",
+            missing.join("; ")
+        )))
     }
+
+    /// The isolation level in force.
+    pub fn isolation(&self) -> Isolation {
+        self.host.isolation
+    }
+}
+
+/// Runs `true` at the host's level: `None` when it works, else why not.
+async fn probe(host: &Arc<Host>) -> Result<Option<String>, SandboxError> {
+    let dir = host
+        .config
+        .root
+        .join(format!("probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir)
+        .map_err(|e| SandboxError::Create(format!("probe workspace {}: {e}", dir.display())))?;
+    let result = async {
+        let sandbox = LocalSandbox::at(dir.clone(), host.clone(), None)?;
+        let out = sandbox
+            .run(&ExecRequest::new("true").timeout(Duration::from_secs(20)))
+            .await?;
+        Ok::<_, SandboxError>(out)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = result?;
+    if out.exit_code == launcher::EXIT_CONFINEMENT_FAILED {
+        return Ok(Some(crate::text::lossy(&out.stderr).trim().to_owned()));
+    }
+    if !out.success() {
+        return Err(SandboxError::Create(format!(
+            "the sandbox launcher {} does not work: {}",
+            host.config.launcher.display(),
+            out.combined().trim()
+        )));
+    }
+    Ok(None)
+}
+
+/// Creates the workspace root, traversable but not listable by others: commands that run as
+/// another user reach their own workspace through it, and nothing else.
+fn create_root(root: &Path) -> Result<(), SandboxError> {
+    let failed =
+        |e: std::io::Error| SandboxError::Create(format!("workspace root {}: {e}", root.display()));
+    if !root.exists() {
+        std::fs::create_dir_all(root).map_err(failed)?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
+    }
+    Ok(())
 }
 
 #[async_trait]
 impl SandboxProvider for LocalProvider {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn isolation(&self) -> &'static str {
+        self.host.isolation.name()
+    }
+
+    fn limits(&self) -> &'static str {
+        self.host.enforcement.name()
     }
 
     async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
@@ -136,37 +240,63 @@ impl SandboxProvider for LocalProvider {
         {
             return Err(SandboxError::Create(format!("bad job id `{job_id}`")));
         }
-        let dir = self.config.root.join(job_id);
+        let dir = self.host.config.root.join(job_id);
         std::fs::create_dir(&dir)
             .map_err(|e| SandboxError::Create(format!("workspace {}: {e}", dir.display())))?;
-        Ok(Arc::new(LocalSandbox::at(dir, self.config.clone())?))
+        let cgroup = match &self.host.enforcement {
+            Enforcement::Cgroup(parent) => Some(create_cgroup(parent, job_id, &self.host)?),
+            Enforcement::Rlimits => None,
+        };
+        Ok(Arc::new(LocalSandbox::at(dir, self.host.clone(), cgroup)?))
     }
+}
+
+fn create_cgroup(
+    parent: &CgroupParent,
+    job_id: &str,
+    host: &Host,
+) -> Result<JobCgroup, SandboxError> {
+    JobCgroup::create(parent, job_id, &host.config.limits)
+        .map_err(|e| SandboxError::Create(format!("the job's cgroup: {e}")))
 }
 
 pub struct LocalSandbox {
     dir: PathBuf,
     repo: PathBuf,
     tmp: PathBuf,
-    config: LocalConfig,
+    host: Arc<Host>,
+    cgroup: Option<JobCgroup>,
     killed: AtomicBool,
     /// The workspace marker, locked (shared) while this sandbox lives; see [`sweep_workspaces`].
     _marker: File,
 }
 
 impl LocalSandbox {
-    fn at(dir: PathBuf, config: LocalConfig) -> Result<Self, SandboxError> {
+    fn at(dir: PathBuf, host: Arc<Host>, cgroup: Option<JobCgroup>) -> Result<Self, SandboxError> {
         let marker = mark_workspace(&dir)?;
         let repo = dir.join("repo");
         let tmp = dir.join("tmp");
-        for d in [&repo, &tmp, &tmp.join("home")] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| SandboxError::Create(format!("{}: {e}", d.display())))?;
+        let failed =
+            |d: &Path, e: std::io::Error| SandboxError::Create(format!("{}: {e}", d.display()));
+        // Reachable, not listable, by the user commands run as.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| failed(&dir, e))?;
+        std::fs::create_dir_all(&repo).map_err(|e| failed(&repo, e))?;
+        // The repository is handed over once it is cloned (host git refuses to work in a
+        // checkout another user owns).
+        for d in [&tmp, &tmp.join("home")] {
+            std::fs::create_dir_all(d).map_err(|e| failed(d, e))?;
+            if let Some(ids) = host.run_as {
+                std::os::unix::fs::chown(d, Some(ids.uid), Some(ids.gid))
+                    .map_err(|e| failed(d, e))?;
+            }
         }
         Ok(Self {
             dir,
             repo,
             tmp,
-            config,
+            host,
+            cgroup,
             killed: AtomicBool::new(false),
             _marker: marker,
         })
@@ -185,37 +315,59 @@ impl LocalSandbox {
         }
     }
 
-    /// Runs `req` confined, with `cwd` as working directory.
-    async fn run(&self, req: &ExecRequest, cwd: &Path) -> Result<ExecOutput, SandboxError> {
-        let mut cmd = tokio::process::Command::new(&self.config.launcher);
-        cmd.arg("__sandbox-exec")
-            .arg("--write")
-            .arg(&self.repo)
-            .arg("--write")
-            .arg(&self.tmp)
-            .arg("--cpu-seconds")
-            .arg(req.timeout.as_secs().saturating_add(1).to_string())
-            .arg("--max-file-bytes")
-            .arg(self.config.max_file_bytes.to_string());
-        if self.config.allow_unconfined {
-            cmd.arg("--allow-unconfined");
-        }
-        cmd.arg("--")
-            .args(["/bin/bash", "-c", &req.command])
-            .current_dir(cwd)
-            .env_clear()
-            .env("PATH", PATH)
-            .env("HOME", self.tmp.join("home"))
-            .env("TMPDIR", &self.tmp)
-            .env("LANG", "C.UTF-8")
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+    fn limits(&self) -> &JobLimits {
+        &self.host.config.limits
+    }
+
+    /// Bytes the workspace takes, measured off the async threads.
+    async fn workspace_usage(&self) -> (u64, Duration) {
+        let dir = self.dir.clone();
+        let stop_at = self.limits().max_disk_bytes.saturating_add(1);
+        tokio::task::spawn_blocking(move || limits::measure(&dir, stop_at))
+            .await
+            .unwrap_or((0, Duration::ZERO))
+    }
+
+    /// Runs `req` in the repository, isolated; stops it when it runs into a limit.
+    async fn run(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError> {
+        let host = &self.host;
+        let limits = *self.limits();
+        let (used, took) = self.workspace_usage().await;
+        let disk_left = limits.max_disk_bytes.saturating_sub(used);
+        let rlimits = self.cgroup.is_none();
+        let spec = LaunchSpec {
+            isolation: host.isolation,
+            repo: self.repo.clone(),
+            tmp: self.tmp.clone(),
+            read_paths: host.config.read_paths.clone(),
+            run_as: host.run_as,
+            cgroup_procs: self
+                .cgroup
+                .as_ref()
+                .map(JobCgroup::procs_files)
+                .unwrap_or_default(),
+            cpu_seconds: req.timeout.as_secs().saturating_add(1),
+            max_file_bytes: host.config.max_file_bytes.min(disk_left),
+            max_procs: rlimits.then_some(limits.max_procs),
+            max_data_bytes: rlimits.then_some(limits.max_memory_bytes),
+        };
+        let mut cmd = tokio::process::Command::new(&host.config.launcher);
+        cmd.args(launcher::arguments(
+            &spec,
+            &["/bin/bash", "-c", &req.command],
+        ))
+        .current_dir(&self.repo)
+        .env_clear()
+        .env("LANG", "C.UTF-8")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+        let before = self.cgroup.as_ref().map(JobCgroup::events);
         let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::Io(format!("could not start the sandbox launcher: {e}")))?;
@@ -235,23 +387,72 @@ impl LocalSandbox {
             }
             status
         };
-        let run = async { tokio::join!(waited, readers) };
-        match tokio::time::timeout(req.timeout, run).await {
-            Ok((status, ((stdout, t1), (stderr, t2)))) => {
+        // Boxed: the futures are large, and a debug build polls them on the stack.
+        let mut run = Box::pin(async { tokio::join!(waited, readers) });
+        let watch = Box::pin(async {
+            let mut next_measurement = limits::next_measurement(took);
+            let mut since_measurement = Duration::ZERO;
+            loop {
+                tokio::time::sleep(LIMIT_POLL).await;
+                since_measurement += LIMIT_POLL;
+                if let (Some(before), Some(cgroup)) = (&before, &self.cgroup)
+                    && let Some(hit) = before.hit_since(&cgroup.events())
+                {
+                    return hit;
+                }
+                if since_measurement >= next_measurement {
+                    let (used, took) = self.workspace_usage().await;
+                    if used > limits.max_disk_bytes {
+                        return LimitHit::Disk;
+                    }
+                    next_measurement = limits::next_measurement(took);
+                    since_measurement = Duration::ZERO;
+                }
+            }
+        });
+        let bounded = async {
+            tokio::select! {
+                done = &mut run => (done, None),
+                hit = watch => {
+                    if let Some(pgid) = pgid {
+                        let _ = killpg(pgid, Signal::SIGKILL);
+                    }
+                    (run.await, Some(hit))
+                }
+            }
+        };
+        match tokio::time::timeout(req.timeout, bounded).await {
+            Ok(((status, ((stdout, t1), (stderr, t2))), hit)) => {
                 let status = status.map_err(|e| SandboxError::Io(format!("wait: {e}")))?;
-                Ok(ExecOutput {
+                let hit = match hit {
+                    Some(hit) => Some(hit),
+                    None => self.hit_after(before.as_ref()).await,
+                };
+                let mut output = ExecOutput {
                     exit_code: exit_code(&status),
                     stdout,
                     stderr,
                     timed_out: false,
                     truncated: t1 || t2,
-                })
+                };
+                if let Some(hit) = hit {
+                    tracing::info!(limit = hit.setting(), "a command ran into a job limit");
+                    if !output.stderr.is_empty() && !output.stderr.ends_with(b"\n") {
+                        output.stderr.push(b'\n');
+                    }
+                    output
+                        .stderr
+                        .extend_from_slice(hit.explain(&limits).as_bytes());
+                    if output.exit_code == 0 {
+                        output.exit_code = 1;
+                    }
+                }
+                Ok(output)
             }
             Err(_) => {
                 if let Some(pgid) = pgid {
                     let _ = killpg(pgid, Signal::SIGKILL);
                 }
-                let _ = child.wait().await;
                 Ok(ExecOutput {
                     exit_code: 124,
                     stdout: Vec::new(),
@@ -265,6 +466,17 @@ impl LocalSandbox {
                 })
             }
         }
+    }
+
+    /// A limit the command ran into that the watch had not seen yet (it ended first).
+    async fn hit_after(&self, before: Option<&limits::Events>) -> Option<LimitHit> {
+        if let (Some(before), Some(cgroup)) = (before, &self.cgroup)
+            && let Some(hit) = before.hit_since(&cgroup.events())
+        {
+            return Some(hit);
+        }
+        let (used, _) = self.workspace_usage().await;
+        (used > self.limits().max_disk_bytes).then_some(LimitHit::Disk)
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, SandboxError>
@@ -445,6 +657,13 @@ impl Sandbox for LocalSandbox {
         if !head.status.success() {
             return Err(SandboxError::Clone("the repository has no commits".into()));
         }
+        if let Some(ids) = self.host.run_as {
+            let repo = self.repo.clone();
+            tokio::task::spawn_blocking(move || chown_tree(&repo, ids))
+                .await
+                .map_err(|e| SandboxError::Io(format!("handing the checkout over failed: {e}")))?
+                .map_err(|e| SandboxError::Io(format!("handing the checkout over: {e}")))?;
+        }
         Ok(Cloned {
             head: crate::text::lossy(&head.stdout).trim().to_owned(),
             branch: crate::text::lossy(&branch.stdout).trim().to_owned(),
@@ -453,19 +672,19 @@ impl Sandbox for LocalSandbox {
 
     async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError> {
         self.check_alive()?;
-        self.run(req, &self.repo).await
+        self.run(req).await
     }
 
     async fn read_file(&self, path: &RepoPath) -> Result<FileContent, SandboxError> {
         let path = path.clone();
-        let budget = self.config.max_read_bytes;
+        let budget = self.host.config.max_read_bytes;
         self.blocking(move |repo| read_beneath(repo, &path, budget))
             .await
     }
 
     async fn read_files(&self, paths: &[RepoPath]) -> Result<Vec<FileContent>, SandboxError> {
         let paths = paths.to_vec();
-        let max_total = self.config.max_read_bytes;
+        let max_total = self.host.config.max_read_bytes;
         self.blocking(move |repo| {
             let mut left = max_total;
             paths
@@ -490,7 +709,8 @@ impl Sandbox for LocalSandbox {
     async fn write_file(&self, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError> {
         let path = path.clone();
         let bytes = bytes.to_vec();
-        self.blocking(move |repo| write_beneath(repo, &path, &bytes))
+        let owner = self.host.run_as;
+        self.blocking(move |repo| write_beneath(repo, &path, &bytes, owner))
             .await
     }
 
@@ -505,10 +725,17 @@ impl Sandbox for LocalSandbox {
             return Ok(());
         }
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(SandboxError::Io(format!("removing {}: {e}", dir.display()))),
+        let cgroup = self.cgroup.clone();
+        tokio::task::spawn_blocking(move || {
+            // Every command was killed with its group when it ended: the cgroup is empty.
+            if let Some(cgroup) = cgroup {
+                cgroup.remove();
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(SandboxError::Io(format!("removing {}: {e}", dir.display()))),
+            }
         })
         .await
         .map_err(|e| SandboxError::Io(format!("cleanup task failed: {e}")))?
@@ -537,265 +764,4 @@ async fn run_host_git(
 
 fn git_error(e: GitError) -> SandboxError {
     SandboxError::Io(e.to_string())
-}
-
-const BENEATH: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
-
-fn io_err(path: &RepoPath, e: impl std::fmt::Display) -> SandboxError {
-    SandboxError::Io(format!("{path}: {e}"))
-}
-
-fn open_root(repo: &Path) -> Result<OwnedFd, SandboxError> {
-    rustix::fs::open(
-        repo,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| SandboxError::Io(format!("workspace: {e}")))
-}
-
-/// Opens the directory holding `path` (no symlinks anywhere on the way) and returns it with the
-/// last component's name.
-fn open_parent(repo: &Path, path: &RepoPath) -> Result<(OwnedFd, String), SandboxError> {
-    let root = open_root(repo)?;
-    let components: Vec<&str> = path.components().collect();
-    let Some((name, parents)) = components.split_last() else {
-        return Err(SandboxError::Path(
-            "the repository root is not a file".into(),
-        ));
-    };
-    if parents.is_empty() {
-        return Ok((root, (*name).to_owned()));
-    }
-    let parent = rustix::fs::openat2(
-        root.as_fd(),
-        parents.join("/"),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-        BENEATH,
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::NOENT => SandboxError::NotFound(format!("{path}: no such directory")),
-        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
-            SandboxError::Path(format!("{path}: a directory on the way is a symlink"))
-        }
-        e => io_err(path, e),
-    })?;
-    Ok((parent, (*name).to_owned()))
-}
-
-/// Bytes a read returned, for the total.
-fn content_len(content: &FileContent) -> u64 {
-    match content {
-        FileContent::File { bytes, .. } => bytes.len() as u64,
-        FileContent::Symlink { target } => target.len() as u64,
-        FileContent::Missing => 0,
-    }
-}
-
-fn mib(bytes: u64) -> String {
-    if bytes >= 1024 * 1024 {
-        format!("{} MiB", bytes / (1024 * 1024))
-    } else {
-        format!("{bytes} bytes")
-    }
-}
-
-/// Reads one file without following symlinks: refused when it is larger than the per-file
-/// bound ([`MAX_READ_BYTES`], an I/O error the agent can be told about) or than `budget`, what
-/// is left of the read's total ([`SandboxError::TooLarge`]).
-fn read_beneath(repo: &Path, path: &RepoPath, budget: u64) -> Result<FileContent, SandboxError> {
-    let (parent, name) = match open_parent(repo, path) {
-        Ok(found) => found,
-        Err(SandboxError::NotFound(_)) => return Ok(FileContent::Missing),
-        Err(e) => return Err(e),
-    };
-    let stat = match rustix::fs::statat(parent.as_fd(), name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(stat) => stat,
-        Err(rustix::io::Errno::NOENT) => return Ok(FileContent::Missing),
-        Err(e) => return Err(io_err(path, e)),
-    };
-    match FileType::from_raw_mode(stat.st_mode) {
-        FileType::Symlink => {
-            let target = rustix::fs::readlinkat(parent.as_fd(), name.as_str(), Vec::new())
-                .map_err(|e| io_err(path, e))?;
-            if target.as_bytes().len() as u64 > budget {
-                return Err(SandboxError::TooLarge(format!(
-                    "{path}: over the read's total"
-                )));
-            }
-            Ok(FileContent::Symlink {
-                target: target.to_string_lossy().into_owned(),
-            })
-        }
-        FileType::RegularFile => {
-            let too_big = |size: u64| {
-                if size > MAX_READ_BYTES {
-                    Some(SandboxError::Io(format!(
-                        "{path} is larger than {}",
-                        mib(MAX_READ_BYTES)
-                    )))
-                } else if size > budget {
-                    Some(SandboxError::TooLarge(format!(
-                        "{path} ({}) is over the read's total",
-                        mib(size)
-                    )))
-                } else {
-                    None
-                }
-            };
-            if let Some(refused) = too_big(stat.st_size as u64) {
-                return Err(refused);
-            }
-            let fd = rustix::fs::openat(
-                parent.as_fd(),
-                name.as_str(),
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| io_err(path, e))?;
-            // One byte more than allowed, to notice a file that grew since `stat`.
-            let limit = MAX_READ_BYTES.min(budget);
-            let mut bytes = Vec::new();
-            File::from(fd)
-                .take(limit + 1)
-                .read_to_end(&mut bytes)
-                .map_err(|e| io_err(path, e))?;
-            if let Some(refused) = too_big(bytes.len() as u64) {
-                return Err(refused);
-            }
-            Ok(FileContent::File {
-                bytes,
-                executable: stat.st_mode & 0o111 != 0,
-            })
-        }
-        FileType::Directory => Err(SandboxError::Path(format!("{path} is a directory"))),
-        FileType::Fifo
-        | FileType::Socket
-        | FileType::CharacterDevice
-        | FileType::BlockDevice
-        | FileType::Unknown => Err(SandboxError::Path(format!("{path} is not a regular file"))),
-    }
-}
-
-fn write_beneath(repo: &Path, path: &RepoPath, bytes: &[u8]) -> Result<(), SandboxError> {
-    let root = open_root(repo)?;
-    let components: Vec<&str> = path.components().collect();
-    let Some((name, parents)) = components.split_last() else {
-        return Err(SandboxError::Path(
-            "cannot write the repository root".into(),
-        ));
-    };
-    // Create missing parent directories one level at a time, never through a symlink.
-    let mut dir = root;
-    for part in parents {
-        match rustix::fs::mkdirat(dir.as_fd(), *part, Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(io_err(path, e)),
-        }
-        dir = rustix::fs::openat2(
-            dir.as_fd(),
-            *part,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            BENEATH,
-        )
-        .map_err(|e| match e {
-            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
-                SandboxError::Path(format!("{path}: `{part}` is a symlink"))
-            }
-            rustix::io::Errno::NOTDIR => SandboxError::Path(format!("{path}: `{part}` is a file")),
-            e => io_err(path, e),
-        })?;
-    }
-    let fd = rustix::fs::openat2(
-        dir.as_fd(),
-        *name,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
-        BENEATH,
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
-            SandboxError::Path(format!("{path} is a symlink; refusing to write through it"))
-        }
-        rustix::io::Errno::ISDIR => SandboxError::Path(format!("{path} is a directory")),
-        e => io_err(path, e),
-    })?;
-    File::from(fd).write_all(bytes).map_err(|e| io_err(path, e))
-}
-
-fn list_beneath(repo: &Path, path: &RepoPath, depth: u32) -> Result<Vec<DirEntry>, SandboxError> {
-    let root = open_root(repo)?;
-    let start = if path.is_root() {
-        rustix::fs::openat(
-            root.as_fd(),
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-    } else {
-        rustix::fs::openat2(
-            root.as_fd(),
-            path.as_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            BENEATH,
-        )
-    }
-    .map_err(|e| match e {
-        rustix::io::Errno::NOENT => SandboxError::NotFound(format!("{path}: no such directory")),
-        rustix::io::Errno::NOTDIR => SandboxError::Path(format!("{path} is not a directory")),
-        e => io_err(path, e),
-    })?;
-    let mut out = Vec::new();
-    let mut stack = vec![(start, path.clone(), 1u32)];
-    while let Some((fd, rel, level)) = stack.pop() {
-        let mut entries = Vec::new();
-        let dir = rustix::fs::Dir::read_from(fd.as_fd()).map_err(|e| io_err(&rel, e))?;
-        for entry in dir {
-            let entry = entry.map_err(|e| io_err(&rel, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == "." || name == ".." || name == ".git" {
-                continue;
-            }
-            let is_dir = match entry.file_type() {
-                FileType::Directory => true,
-                FileType::Unknown => {
-                    rustix::fs::statat(fd.as_fd(), name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                        .map(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory)
-                        .unwrap_or(false)
-                }
-                _ => false,
-            };
-            entries.push((name, is_dir));
-        }
-        entries.sort();
-        for (name, is_dir) in entries {
-            let Ok(child) = rel.join(&name) else { continue };
-            if out.len() >= MAX_LIST_ENTRIES {
-                return Ok(out);
-            }
-            out.push(DirEntry {
-                path: child.as_str().to_owned(),
-                is_dir,
-            });
-            if is_dir
-                && level < depth
-                && let Ok(child_fd) = rustix::fs::openat2(
-                    fd.as_fd(),
-                    name.as_str(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                    BENEATH,
-                )
-            {
-                stack.push((child_fd, child, level + 1));
-            }
-        }
-    }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
 }
