@@ -257,6 +257,9 @@ pub(crate) struct Script {
     /// When set, the only key accepted.
     pub expected_key: Option<String>,
     pub served: u64,
+    /// Replies kept for the requests whose first message contains the marker (Anthropic only):
+    /// see [`FakeServer::push_for`].
+    pub routes: Vec<(String, VecDeque<Reply>)>,
 }
 
 /// Splits `text` into pieces of at most `size` characters, the way deltas arrive.
@@ -345,6 +348,20 @@ impl FakeServer {
     /// Queues replies, answered in order, one per request.
     pub fn push(&self, replies: impl IntoIterator<Item = Reply>) {
         self.script.lock().unwrap().replies.extend(replies);
+    }
+
+    /// Queues replies answered, in order, only to requests whose first message (the job's prompt)
+    /// contains `marker`, so that concurrent jobs each follow their own script whatever the order
+    /// their requests arrive in. Other requests take the common queue ([`push`](Self::push)).
+    /// Honoured by the Anthropic fake.
+    pub fn push_for(&self, marker: &str, replies: impl IntoIterator<Item = Reply>) {
+        let mut script = self.script.lock().unwrap();
+        match script.routes.iter_mut().find(|(m, _)| m == marker) {
+            Some((_, queue)) => queue.extend(replies),
+            None => script
+                .routes
+                .push((marker.to_owned(), replies.into_iter().collect())),
+        }
     }
 
     /// Every request received so far.
@@ -541,7 +558,16 @@ async fn messages(
             return invalid(message);
         }
         s.served += 1;
-        (s.replies.pop_front(), s.ignore_stream, s.served)
+        let first = recorded.body["messages"][0].to_string();
+        let reply = match s
+            .routes
+            .iter()
+            .position(|(m, _)| first.contains(m.as_str()))
+        {
+            Some(i) => s.routes[i].1.pop_front(),
+            None => s.replies.pop_front(),
+        };
+        (reply, s.ignore_stream, s.served)
     };
     let model = recorded.body["model"]
         .as_str()
