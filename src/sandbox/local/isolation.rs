@@ -8,7 +8,7 @@
 //!   (down). It runs as uid 1000 inside, mapped to an unprivileged host uid. Landlock and seccomp
 //!   still apply on top.
 //! - `landlock` (where user namespaces are unavailable, as in many containers): Landlock with a
-//!   read allow-list (system directories, the `/etc` allow-list, `/proc`, the own workspace; not
+//!   read allow-list (system directories, the `/etc` allow-list, the own workspace; no `/proc`; not
 //!   the workspace root, `/root`, `/home` or the server's directories), Landlock scopes (no signals
 //!   to, and no abstract unix sockets of, processes outside the command's domain), a separate
 //!   unprivileged uid when the server runs as root, seccomp.
@@ -184,7 +184,56 @@ pub fn unshare_all() -> Result<(), String> {
 pub struct RootLayout<'a> {
     pub repo: &'a Path,
     pub tmp: &'a Path,
-    pub read_paths: &'a [PathBuf],
+    /// `SANDBOX_READ_PATHS`: where each appears, and where to bind it from (see
+    /// [`stage_read_paths`]).
+    pub read_paths: &'a [(PathBuf, PathBuf)],
+}
+
+/// Makes the read paths reachable for the unprivileged user that builds the root: as root, in a
+/// mount namespace of the launcher's own, each is bound under `stage` (inside the job's
+/// workspace directory, which that user may enter), so that a toolchain under `/root` (0700)
+/// can still be shown to commands. The namespaces entered later copy these mounts. Without
+/// root, the paths are used as they are.
+pub fn stage_read_paths(
+    paths: &[PathBuf],
+    stage: &Path,
+    as_root: bool,
+) -> Result<Vec<(PathBuf, PathBuf)>, String> {
+    if !as_root || paths.is_empty() {
+        return Ok(paths.iter().map(|p| (p.clone(), p.clone())).collect());
+    }
+    let none: Option<&str> = None;
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(mount): {e}"))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| format!("making mounts private: {e}"))?;
+    mkdir_mode(stage)?;
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let staged = stage.join(i.to_string());
+            mkdir_mode(&staged)?;
+            mount(
+                Some(path),
+                &staged,
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                none,
+            )
+            .map_err(|e| format!("SANDBOX_READ_PATHS {}: {e}", path.display()))?;
+            Ok((path.clone(), staged))
+        })
+        .collect()
+}
+
+/// Creates `dir` (if needed) enterable but not listable by others.
+fn mkdir_mode(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o711).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
 }
 
 const OLD_ROOT: &str = "/oldroot";
@@ -218,8 +267,11 @@ pub fn enter_minimal_root(layout: &RootLayout<'_>) -> Result<(), String> {
     for name in ETC_ALLOWED {
         expose(&Path::new("/etc").join(name), false)?;
     }
-    for path in layout.read_paths {
-        expose(path, false)?;
+    for (path, source) in layout.read_paths {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        bind(&old(source), path, false)?;
     }
     write_identity()?;
     make_dev()?;
@@ -451,10 +503,9 @@ impl LandlockRules {
         let mut read: Vec<PathBuf> = SYSTEM_DIRS.iter().map(PathBuf::from).collect();
         read.extend(ETC_ALLOWED.iter().map(|e| Path::new("/etc").join(e)));
         read.extend(["/etc/passwd", "/etc/group"].map(PathBuf::from));
-        // Programs read their own `/proc/self`; other processes' memory and environment stay
-        // closed (Landlock refuses ptrace access to processes outside the domain, and they
-        // run as another user).
-        read.push("/proc".into());
+        // Not `/proc`: Landlock cannot tell a process's own entry from the others', and the
+        // others' command lines would show. Programs that need `/proc/self` need the
+        // `namespaces` level.
         read.extend(read_paths.iter().cloned());
         read.retain(|p| p.exists());
         LandlockRules {

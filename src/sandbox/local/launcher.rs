@@ -109,6 +109,14 @@ fn launch(spec: &LaunchSpec, program: &[String]) -> Result<i32, Failure> {
             confinement(format!("joining the job's cgroup {}: {e}", procs.display()))
         })?;
     }
+    let read_paths = match spec.isolation {
+        Isolation::Namespaces => {
+            let stage = spec.repo.parent().unwrap_or(&spec.repo).join("read-paths");
+            isolation::stage_read_paths(&spec.read_paths, &stage, spec.run_as.is_some())
+                .map_err(confinement)?
+        }
+        Isolation::Landlock | Isolation::None => Vec::new(),
+    };
     if let Some(ids) = spec.run_as {
         isolation::become_ids(ids).map_err(confinement)?;
     }
@@ -123,7 +131,7 @@ fn launch(spec: &LaunchSpec, program: &[String]) -> Result<i32, Failure> {
             isolation::enter_minimal_root(&RootLayout {
                 repo: &spec.repo,
                 tmp: &spec.tmp,
-                read_paths: &spec.read_paths,
+                read_paths: &read_paths,
             })
             .map_err(confinement)?;
             if let Forked::Parent(command) =

@@ -402,6 +402,74 @@ pub fn disk_usage(dir: &Path, stop_at: u64) -> u64 {
     total
 }
 
+/// When to walk the workspace while a command runs.
+pub struct DiskWatch {
+    dir: PathBuf,
+    /// What the workspace held when the command started: a command that starts over the limit
+    /// (to delete files) is stopped only if it grows it further.
+    start: u64,
+    /// The walk's last result, and the filesystem's used bytes at that moment.
+    used: u64,
+    fs_used: u64,
+    /// Time since the last walk, and the interval the schedule asks for.
+    since: Duration,
+    interval: Duration,
+    /// Walks triggered by the estimate are at least this far apart (twice a walk's time).
+    min_gap: Duration,
+}
+
+impl DiskWatch {
+    pub fn new(dir: &Path, used: u64, took: Duration) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            start: used,
+            used,
+            fs_used: filesystem_used(dir),
+            since: Duration::ZERO,
+            interval: next_measurement(took),
+            min_gap: took * 2,
+        }
+    }
+
+    /// Whether a walk is due after another `tick`: on schedule, or because the filesystem grew
+    /// by more than what is left under `limit` (anything written on it counts, so this only
+    /// triggers a walk; the walk decides).
+    pub fn due(&mut self, tick: Duration, limit: u64) -> bool {
+        let limit = limit.max(self.start);
+        self.since += tick;
+        if self.since >= self.interval {
+            return true;
+        }
+        let grown = filesystem_used(&self.dir).saturating_sub(self.fs_used);
+        self.since >= self.min_gap && self.used.saturating_add(grown) > limit
+    }
+
+    /// Whether `used`, just walked, is past `limit` (or, for a command that started over it,
+    /// past where it started).
+    pub fn over(&self, used: u64, limit: u64) -> bool {
+        used > limit.max(self.start)
+    }
+
+    pub fn walked(&mut self, used: u64, took: Duration) {
+        self.used = used;
+        self.fs_used = filesystem_used(&self.dir);
+        self.since = Duration::ZERO;
+        self.interval = next_measurement(took);
+        self.min_gap = took * 2;
+    }
+}
+
+/// Bytes in use on the filesystem holding `dir` (0 when it cannot be read).
+fn filesystem_used(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| {
+            s.blocks()
+                .saturating_sub(s.blocks_free())
+                .saturating_mul(s.fragment_size())
+        })
+        .unwrap_or(0)
+}
+
 /// How often the workspace is measured while a command runs: often while measuring is cheap, at
 /// most a tenth of the time on a large tree.
 pub fn next_measurement(took: Duration) -> Duration {

@@ -47,8 +47,12 @@ use super::{
 /// cannot write there (only `repo` and `tmp` are writable to them).
 const WORKSPACE_MARKER: &str = ".tiny-backspace-workspace";
 const MARKER_CONTENT: &[u8] = b"tiny-backspace workspace\n";
-/// How often the job's cgroup counters are read while a command runs.
-const LIMIT_POLL: Duration = Duration::from_millis(100);
+/// How often a running command's disk use is estimated.
+const DISK_TICK: Duration = Duration::from_millis(10);
+/// The job's cgroup counters are read every this many ticks.
+const CGROUP_EVERY_TICKS: u32 = 5;
+/// The smallest file a command may always write (see `run`).
+const MIN_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -152,11 +156,12 @@ impl LocalProvider {
                 enforcement: enforcement.clone(),
                 run_as,
             });
-            match probe(&host).await? {
+            match probe(&host, "true").await? {
                 None => {
                     if isolation == Isolation::None {
                         tracing::warn!(missing = %missing.join("; "), "commands run WITHOUT isolation (ALLOW_UNCONFINED_SANDBOX=true)");
                     }
+                    check_read_paths(&host).await?;
                     return Ok(Self { host });
                 }
                 Some(reason) => missing.push(format!("{}: {reason}", isolation.name())),
@@ -174,8 +179,61 @@ impl LocalProvider {
     }
 }
 
+/// Refuses `SANDBOX_READ_PATHS` that commands cannot actually read at the chosen level: a
+/// toolchain the operator listed and the agent cannot use is a configuration error, not a
+/// surprise in the middle of a job.
+async fn check_read_paths(host: &Arc<Host>) -> Result<(), SandboxError> {
+    let paths = &host.config.read_paths;
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let command = "printf '%s\\n' \"$TB_READ_PATHS\" | while IFS= read -r p; do \
+                   [ -r \"$p\" ] && [ -x \"$p\" ] || printf '%s\\n' \"$p\"; done";
+    let unreadable = probe_with(host, command, &[("TB_READ_PATHS", &list.join("\n"))]).await?;
+    let unreadable = match unreadable {
+        Probe::Ran(out) => out,
+        Probe::Refused(reason) => reason,
+    };
+    let unreadable = unreadable.trim();
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    let who = match host.run_as {
+        Some(ids) => format!(
+            " (commands run as uid {}: each directory above must be searchable by it)",
+            ids.uid
+        ),
+        None => String::new(),
+    };
+    Err(SandboxError::Create(format!(
+        "SANDBOX_READ_PATHS: commands cannot read {} at the {} level{who}",
+        unreadable.replace('\n', ", "),
+        host.isolation.name()
+    )))
+}
+
+enum Probe {
+    /// The command ran; its stdout.
+    Ran(String),
+    /// The launcher could not isolate it; why.
+    Refused(String),
+}
+
 /// Runs `true` at the host's level: `None` when it works, else why not.
-async fn probe(host: &Arc<Host>) -> Result<Option<String>, SandboxError> {
+async fn probe(host: &Arc<Host>, command: &str) -> Result<Option<String>, SandboxError> {
+    match probe_with(host, command, &[]).await? {
+        Probe::Ran(_) => Ok(None),
+        Probe::Refused(reason) => Ok(Some(reason)),
+    }
+}
+
+/// Runs `command` at the host's level in a scratch workspace.
+async fn probe_with(
+    host: &Arc<Host>,
+    command: &str,
+    env: &[(&str, &str)],
+) -> Result<Probe, SandboxError> {
     let dir = host
         .config
         .root
@@ -185,16 +243,21 @@ async fn probe(host: &Arc<Host>) -> Result<Option<String>, SandboxError> {
         .map_err(|e| SandboxError::Create(format!("probe workspace {}: {e}", dir.display())))?;
     let result = async {
         let sandbox = LocalSandbox::at(dir.clone(), host.clone(), None)?;
-        let out = sandbox
-            .run(&ExecRequest::new("true").timeout(Duration::from_secs(20)))
-            .await?;
+        let mut request = ExecRequest::new(command).timeout(Duration::from_secs(20));
+        request.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let out = sandbox.run(&request).await?;
         Ok::<_, SandboxError>(out)
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     let out = result?;
     if out.exit_code == launcher::EXIT_CONFINEMENT_FAILED {
-        return Ok(Some(crate::text::lossy(&out.stderr).trim().to_owned()));
+        return Ok(Probe::Refused(
+            crate::text::lossy(&out.stderr).trim().to_owned(),
+        ));
     }
     if !out.success() {
         return Err(SandboxError::Create(format!(
@@ -203,7 +266,7 @@ async fn probe(host: &Arc<Host>) -> Result<Option<String>, SandboxError> {
             out.combined().trim()
         )));
     }
-    Ok(None)
+    Ok(Probe::Ran(crate::text::lossy(&out.stdout)))
 }
 
 /// Creates the workspace root, traversable but not listable by others: commands that run as
@@ -333,7 +396,12 @@ impl LocalSandbox {
         let host = &self.host;
         let limits = *self.limits();
         let (used, took) = self.workspace_usage().await;
-        let disk_left = limits.max_disk_bytes.saturating_sub(used);
+        // A file may take what is left of the workspace's size, and at least a little, so that a
+        // command that first deletes can still write.
+        let disk_left = limits
+            .max_disk_bytes
+            .saturating_sub(used)
+            .max(MIN_FILE_BYTES.min(limits.max_disk_bytes));
         let rlimits = self.cgroup.is_none();
         let spec = LaunchSpec {
             isolation: host.isolation,
@@ -390,23 +458,26 @@ impl LocalSandbox {
         // Boxed: the futures are large, and a debug build polls them on the stack.
         let mut run = Box::pin(async { tokio::join!(waited, readers) });
         let watch = Box::pin(async {
-            let mut next_measurement = limits::next_measurement(took);
-            let mut since_measurement = Duration::ZERO;
+            // The workspace is walked on a schedule that keeps walking cheap, and at once when
+            // the filesystem's own count of used blocks (one `statvfs`, every tick) says it may
+            // have grown past the limit: a fast writer is caught within a tick.
+            let mut walk = limits::DiskWatch::new(&self.dir, used, took);
+            let mut ticks = 0u32;
             loop {
-                tokio::time::sleep(LIMIT_POLL).await;
-                since_measurement += LIMIT_POLL;
-                if let (Some(before), Some(cgroup)) = (&before, &self.cgroup)
+                tokio::time::sleep(DISK_TICK).await;
+                ticks += 1;
+                if ticks.is_multiple_of(CGROUP_EVERY_TICKS)
+                    && let (Some(before), Some(cgroup)) = (&before, &self.cgroup)
                     && let Some(hit) = before.hit_since(&cgroup.events())
                 {
                     return hit;
                 }
-                if since_measurement >= next_measurement {
+                if walk.due(DISK_TICK, limits.max_disk_bytes) {
                     let (used, took) = self.workspace_usage().await;
-                    if used > limits.max_disk_bytes {
+                    if walk.over(used, limits.max_disk_bytes) {
                         return LimitHit::Disk;
                     }
-                    next_measurement = limits::next_measurement(took);
-                    since_measurement = Duration::ZERO;
+                    walk.walked(used, took);
                 }
             }
         });
@@ -426,7 +497,7 @@ impl LocalSandbox {
                 let status = status.map_err(|e| SandboxError::Io(format!("wait: {e}")))?;
                 let hit = match hit {
                     Some(hit) => Some(hit),
-                    None => self.hit_after(before.as_ref()).await,
+                    None => self.hit_after(before.as_ref(), used).await,
                 };
                 let mut output = ExecOutput {
                     exit_code: exit_code(&status),
@@ -469,14 +540,14 @@ impl LocalSandbox {
     }
 
     /// A limit the command ran into that the watch had not seen yet (it ended first).
-    async fn hit_after(&self, before: Option<&limits::Events>) -> Option<LimitHit> {
+    async fn hit_after(&self, before: Option<&limits::Events>, start: u64) -> Option<LimitHit> {
         if let (Some(before), Some(cgroup)) = (before, &self.cgroup)
             && let Some(hit) = before.hit_since(&cgroup.events())
         {
             return Some(hit);
         }
         let (used, _) = self.workspace_usage().await;
-        (used > self.limits().max_disk_bytes).then_some(LimitHit::Disk)
+        (used > self.limits().max_disk_bytes.max(start)).then_some(LimitHit::Disk)
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, SandboxError>
