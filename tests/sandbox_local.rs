@@ -448,6 +448,7 @@ async fn start_up_removes_only_our_own_leftover_workspaces() {
     .unwrap();
     let swept = sweep_workspaces(root.path());
     assert_eq!((swept.removed, swept.failed), (1, 0));
+    assert_eq!(swept.names.len(), 1);
     assert!(!marker_dir.exists());
 }
 

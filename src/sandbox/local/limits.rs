@@ -203,6 +203,17 @@ impl CgroupParent {
         })
     }
 
+    /// Removes the (empty) group a job of an earlier run left, if there is one.
+    pub fn remove_job(&self, job_id: &str) {
+        let dirs = match self {
+            CgroupParent::V2 { dir } => vec![dir.join(job_id)],
+            CgroupParent::V1 { pids, memory } => vec![pids.join(job_id), memory.join(job_id)],
+        };
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Creates and removes a job group, with its limits written, to know that jobs will get one.
     fn probe(&self) -> Result<(), String> {
         let name = format!("probe-{}", std::process::id());

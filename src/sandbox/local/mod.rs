@@ -143,6 +143,11 @@ impl LocalProvider {
         } else {
             Enforcement::Rlimits
         };
+        if let Enforcement::Cgroup(parent) = &enforcement {
+            for job_id in &swept.names {
+                parent.remove_job(job_id);
+            }
+        }
         let run_as = nix::unistd::geteuid().is_root().then_some(config.run_as);
         let mut missing = Vec::new();
         let mut levels = config.isolation.candidates().to_vec();
@@ -584,9 +589,11 @@ fn mark_workspace(dir: &Path) -> Result<File, SandboxError> {
 }
 
 /// What [`sweep_workspaces`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Swept {
     pub removed: usize,
+    /// The removed workspaces' names (their job ids): their job cgroups are leftovers too.
+    pub names: Vec<String>,
     /// Leftovers that could not be removed (logged one by one).
     pub failed: usize,
 }
@@ -634,7 +641,12 @@ pub fn sweep_workspaces(root: &Path) -> Swept {
             continue;
         }
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => swept.removed += 1,
+            Ok(()) => {
+                swept.removed += 1;
+                swept
+                    .names
+                    .push(entry.file_name().to_string_lossy().into_owned());
+            }
             Err(e) => {
                 swept.failed += 1;
                 tracing::warn!(workspace = %dir.display(), error = %e, "could not remove a leftover workspace");
