@@ -22,12 +22,15 @@
 //! encoding of a secret can hide anywhere), and the diff shown to users. What the base already
 //! had (the lines a diff removes, the paths of deleted files) is searched for configured secrets
 //! only: a token-shaped string the change deletes is not a leak, and deleting one is a normal
-//! task.
+//! task. A modified file that already held a token shape elsewhere is refused, though: telling
+//! old from new would mean trusting the base's content as the sandbox (which the agent controls)
+//! reports it.
 //!
 //! Cost: one Aho-Corasick automaton holds every needle (each form of each secret and the shapes'
 //! prefixes), so each byte is looked at once whatever the number of secrets; a shape candidate is
 //! checked in bounded time, and a candidate inside another's body is rejected by its boundary
-//! at once, so the scan stays linear in the size of the change.
+//! at once, so the scan stays linear in the size of the change (`benches/secret_scan.rs`: about
+//! 150 ms for the largest change, 64 MiB of files and an 8 MiB diff).
 //!
 //! Not covered, knowingly: encodings of encodings, base64 wrapped across lines, a secret split,
 //! reversed or encrypted. An agent set on smuggling a secret out can always do that; the scan
@@ -217,8 +220,8 @@ const PREFIXES: &[(&str, Prefix)] = &[
     ("-----BEGIN ", Prefix::PemBegin),
 ];
 
-/// Every needle in one automaton. Build one per scan of a change (it takes well under a
-/// millisecond); it holds encodings of the secrets, so it is never logged.
+/// Every needle in one automaton. Build one per scan of a change (a few milliseconds); it holds
+/// encodings of the secrets, so its `Debug` shows only how many needles it has.
 pub struct SecretScanner {
     automaton: AhoCorasick,
     needles: Vec<Needle>,
