@@ -105,6 +105,9 @@ pub enum ErrorCode {
     DiffFailed,
     /// The change is larger than `MAX_CHANGE_MB` (or than the sandbox's read limit).
     ChangeTooLarge,
+    /// The change holds a configured secret (or an encoding of one) or a credential's shape;
+    /// nothing was published (see `secret_scan`).
+    SecretInChange,
 
     // The commit policy and the local forge.
     WorkflowChangeRefused,
@@ -161,6 +164,7 @@ impl ErrorCode {
             ErrorCode::NoChanges => "no_changes",
             ErrorCode::DiffFailed => "diff_failed",
             ErrorCode::ChangeTooLarge => "change_too_large",
+            ErrorCode::SecretInChange => "secret_in_change",
             ErrorCode::WorkflowChangeRefused => "workflow_change_refused",
             ErrorCode::FileTooLarge => "file_too_large",
             ErrorCode::UnsupportedRepo => "unsupported_repo",
@@ -338,6 +342,7 @@ mod tests {
             ErrorCode::Cancelled,
             ErrorCode::SandboxCreateFailed,
             ErrorCode::ChangeTooLarge,
+            ErrorCode::SecretInChange,
             ErrorCode::GithubValidationFailed,
             ErrorCode::PrivateRepository,
         ] {

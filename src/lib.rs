@@ -18,6 +18,7 @@ pub mod redact;
 pub mod repo;
 pub mod retry;
 pub mod sandbox;
+pub mod secret_scan;
 pub mod text;
 
 /// Milliseconds since the Unix epoch, the timestamp unit of every event.

@@ -35,6 +35,11 @@ impl Redactor {
         }
     }
 
+    /// The configured values, longest first: what the secret scan searches a change for.
+    pub fn secrets(&self) -> &[String] {
+        &self.secrets
+    }
+
     pub fn is_empty(&self) -> bool {
         self.secrets.is_empty()
     }

@@ -2,13 +2,16 @@
 //! for the file list, line counts, total size and patch, one batched read of the changed files.
 //!
 //! The change's total size is known before any file is read, so a change larger than the
-//! configured limit is refused without ever being held in memory.
+//! configured limit is refused without ever being held in memory. A collected change is then
+//! searched for secrets ([`refuse_secrets`]) before anything shows or publishes it.
 
 use std::time::Duration;
 
 use crate::event::FileStatus;
 use crate::forge::{ChangeSet, ChangedFile};
+use crate::redact::Redactor;
 use crate::sandbox::{ExecRequest, FileContent, RepoPath, Sandbox, SandboxError};
+use crate::secret_scan::{self, ChangedText, SecretScanner};
 
 /// Largest patch kept for `Diff` events and `GET /jobs/{id}/patch`.
 pub const MAX_PATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -21,6 +24,12 @@ pub enum ChangeError {
     Git(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The change holds a secret; the message names where and what kind, never the secret.
+    #[error("{0}")]
+    SecretInChange(String),
+    /// The secret scan itself failed; the change is refused rather than published unscanned.
+    #[error("{0}")]
+    ScanFailed(String),
 }
 
 /// Stages everything in the sandbox's checkout and describes it relative to `base`.
@@ -141,6 +150,52 @@ pub async fn collect(
         patch: String::from_utf8_lossy(&patch).into_owned(),
         patch_truncated,
     })
+}
+
+/// Passes the change through when it holds no secret the [`Redactor`] knows (in any encoding
+/// the scan searches for) and no credential's shape; see [`crate::secret_scan`]. The scan runs on
+/// a blocking thread: it is linear, but a change can be 64 MiB.
+pub async fn refuse_secrets(
+    change: ChangeSet,
+    redactor: &Redactor,
+) -> Result<ChangeSet, ChangeError> {
+    let redactor = redactor.clone();
+    let (change, findings) = tokio::task::spawn_blocking(move || {
+        let findings = scan(&change, &redactor);
+        (change, findings)
+    })
+    .await
+    .map_err(|err| ChangeError::ScanFailed(format!("the secret scan did not finish: {err}")))?;
+    let findings = findings.map_err(|err| ChangeError::ScanFailed(err.to_string()))?;
+    if findings.is_empty() {
+        Ok(change)
+    } else {
+        Err(ChangeError::SecretInChange(secret_scan::describe(
+            &findings,
+        )))
+    }
+}
+
+fn scan(
+    change: &ChangeSet,
+    redactor: &Redactor,
+) -> Result<Vec<secret_scan::Finding>, secret_scan::BuildError> {
+    let scanner = SecretScanner::new(redactor.secrets())?;
+    let files: Vec<ChangedText<'_>> = change
+        .files
+        .iter()
+        .map(|file| ChangedText {
+            path: file.path.as_str(),
+            content: match &file.content {
+                FileContent::File { bytes, .. } => Some(bytes.as_slice()),
+                FileContent::Symlink { target } => Some(target.as_bytes()),
+                // A deleted file, or one gone by the time it was read (published as a
+                // deletion).
+                FileContent::Missing => None,
+            },
+        })
+        .collect();
+    Ok(scanner.scan_change(&files, &change.patch))
 }
 
 /// A size for people: MiB from 1 MiB up, bytes below.

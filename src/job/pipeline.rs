@@ -1,5 +1,8 @@
 //! One job, start to finish: sandbox → clone → agent → commit → pull request → cleanup.
 //!
+//! The commit step collects the change and refuses it when it holds a secret, before the `Diff`
+//! event, the stored patch or any forge call (see [`crate::secret_scan`]).
+//!
 //! [`run`] never returns without having appended exactly one `Done`: errors, cancellation and the
 //! job timeout all end in cleanup and `Done`. (A panic is caught one level up, in the registry.)
 //! Each step is a [`StepRun`]: the pipeline below is the list of steps, and the step values emit
@@ -256,6 +259,8 @@ async fn work(
     let mut step = StepRun::begin(events, Step::Commit, "Collecting the change");
     let change =
         step.check(change::collect(sandbox.as_ref(), &cloned.head, b.max_change_bytes).await)?;
+    // Before the change is shown (Diff, patch) or handed to a forge.
+    let change = step.check(change::refuse_secrets(change, &b.redactor).await)?;
     record_change(job, &change);
     if change.files.is_empty() {
         if let AgentEnd::OutOfTime(_) = outcome.end {
@@ -445,10 +450,10 @@ async fn salvage(job: &Job, b: &Backends, lease: &SandboxLease) {
         Step::Commit,
         "Collecting the change made before the timeout",
     );
-    let collected = tokio::time::timeout(
-        SALVAGE_TIMEOUT,
-        change::collect(sandbox.as_ref(), &base, b.max_change_bytes),
-    )
+    let collected = tokio::time::timeout(SALVAGE_TIMEOUT, async {
+        let change = change::collect(sandbox.as_ref(), &base, b.max_change_bytes).await?;
+        change::refuse_secrets(change, &b.redactor).await
+    })
     .await;
     match collected {
         Ok(Ok(change)) => {

@@ -61,6 +61,8 @@ impl From<ChangeError> for JobError {
             ChangeError::Sandbox(err) => err.into(),
             ChangeError::Git(message) => Self::new(ErrorCode::DiffFailed, message),
             ChangeError::TooLarge(message) => Self::new(ErrorCode::ChangeTooLarge, message),
+            ChangeError::SecretInChange(message) => Self::new(ErrorCode::SecretInChange, message),
+            ChangeError::ScanFailed(message) => Self::new(ErrorCode::Internal, message),
         }
     }
 }

@@ -57,6 +57,24 @@ impl LoggedRequest {
     pub fn is_envd(&self) -> bool {
         self.sandbox_id.is_some()
     }
+
+    /// For `process.Process/Start`: the whole start message (`process.cmd`, `args`, `envs`,
+    /// `cwd`), decoded from its Connect envelope.
+    pub fn start_message(&self) -> Option<Value> {
+        if self.path == "/process.Process/Start" {
+            decode_start(&self.body)
+        } else {
+            None
+        }
+    }
+}
+
+/// One file written through `POST /files`, as stored (gzip and multipart decoded).
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub sandbox_id: String,
+    pub path: String,
+    pub content: Vec<u8>,
 }
 
 /// Faults, each used once by the first request it matches.
@@ -136,6 +154,7 @@ struct Inner {
     idempotency: Mutex<HashMap<String, String>>,
     next_id: AtomicU64,
     created: AtomicU64,
+    uploads: Mutex<Vec<Upload>>,
 }
 
 impl Inner {
@@ -249,6 +268,11 @@ impl FakeE2b {
 
     pub fn requests(&self) -> Vec<LoggedRequest> {
         self.inner.log.lock().unwrap().clone()
+    }
+
+    /// Every file written into any sandbox through `POST /files`, decoded.
+    pub fn uploads(&self) -> Vec<Upload> {
+        self.inner.uploads.lock().unwrap().clone()
     }
 
     pub fn request_count(&self) -> usize {
@@ -747,7 +771,7 @@ async fn envd(
             }
         }
         ("GET", "/files") => get_file(&sandbox, query, headers),
-        ("POST", "/files") => post_file(&sandbox, query, headers, &body),
+        ("POST", "/files") => post_file(inner, &sandbox, query, headers, &body),
         _ => connect_error(404, "unimplemented", "not implemented by the fake"),
     }
 }
@@ -1164,7 +1188,13 @@ fn get_file(sandbox: &FakeSandbox, query: &str, headers: &HeaderMap) -> Response
     response
 }
 
-fn post_file(sandbox: &FakeSandbox, query: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+fn post_file(
+    inner: &Inner,
+    sandbox: &FakeSandbox,
+    query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1223,7 +1253,12 @@ fn post_file(sandbox: &FakeSandbox, query: &str, headers: &HeaderMap, body: &[u8
         if let Some(parent) = real.parent() {
             std::fs::create_dir_all(parent).unwrap();
         }
-        std::fs::write(&real, content).unwrap();
+        std::fs::write(&real, &content).unwrap();
+        inner.uploads.lock().unwrap().push(Upload {
+            sandbox_id: sandbox.id.clone(),
+            path: path.clone(),
+            content,
+        });
         let name = real
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
