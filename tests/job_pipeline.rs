@@ -1055,3 +1055,42 @@ async fn a_failed_sandbox_kill_is_retried_until_the_sandbox_is_gone() {
     }
     assert_eq!(std::fs::read_dir(workspaces.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn the_checkouts_own_git_configuration_cannot_disguise_the_patch() {
+    // The agent controls `.git/config`: a text conversion that rewrites what `git diff` shows,
+    // and prefixes that break the patch's shape. The patch the user reviews is still exactly
+    // what the branch holds.
+    let repo = repo_with(&[("notes.txt", "harmless\n")]);
+    let model = Scripted::new(
+        "model",
+        vec![
+            Step::Turn(vec![call(
+                "1",
+                "run_command",
+                json!({"command": "git config diff.hide.textconv 'sed s/evil/fine/' && git config diff.noprefix true && echo '*.txt diff=hide' > .git/info/attributes && echo 'evil payload' > notes.txt"}),
+            )]),
+            Step::Turn(vec![call(
+                "2",
+                "finish",
+                json!({"title": "Edit notes", "summary": "Changed the notes."}),
+            )]),
+        ],
+    );
+    let h = Harness::new(HarnessOptions {
+        agents: vec![model],
+        ..HarnessOptions::default()
+    })
+    .await;
+    let job = h.submit(repo.path(), "edit the notes");
+    let events = events_of(&job).await;
+    assert_eq!(done(&events)["status"], "succeeded");
+    let (patch, _) = job.patch().unwrap();
+    let patch = String::from_utf8_lossy(patch);
+    assert!(patch.contains("+evil payload"), "{patch}");
+    assert!(!patch.contains("fine payload"), "{patch}");
+    assert!(
+        patch.contains("--- a/notes.txt\n+++ b/notes.txt"),
+        "{patch}"
+    );
+}

@@ -43,6 +43,8 @@ pub async fn collect(
         return Err(ChangeError::Git(format!("`{base}` is not a commit id")));
     }
     // A per-call nonce makes the section markers impossible to forge from file names or content.
+    // The checkout's git configuration is the agent's: the patch is made without its diff
+    // drivers, text conversions or prefixes, so what the user reviews is what is committed.
     let nonce: u64 = rand::random();
     let mark = |name: &str| format!("__TB_{nonce:016x}_{name}__");
     let command = format!(
@@ -54,7 +56,7 @@ pub async fn collect(
          printf '\\n%s\\n' '{numstat}'\n\
          git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --numstat -z {base} || exit 4\n\
          printf '\\n%s\\n' '{patch}'\n\
-         git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --no-color --binary {base} | head -c {limit}\n",
+         git -c core.quotepath=off diff --cached --no-renames --no-ext-diff --no-textconv --src-prefix=a/ --dst-prefix=b/ --no-color --binary {base} | head -c {limit}\n",
         size = mark("SIZE"),
         raw = mark("RAW"),
         numstat = mark("NUMSTAT"),
