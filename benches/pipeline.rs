@@ -45,6 +45,7 @@ async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
         admin_api_keys: vec![],
         allowed_hosts: vec![],
         cors_origins: vec![],
+        metrics: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

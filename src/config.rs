@@ -98,6 +98,7 @@ pub const SECRET_VARS: &[&str] = &[
     "OPENAI_API_KEY",
     "GITHUB_TOKEN",
     "GITHUB_PAT",
+    "METRICS_TOKEN",
 ];
 
 fn list(value: Option<&String>) -> Vec<String> {

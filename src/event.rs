@@ -29,6 +29,22 @@ pub enum Step {
     Cleanup,
 }
 
+impl Step {
+    /// The name on the wire (and in metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Queue => "queue",
+            Step::Sandbox => "sandbox",
+            Step::Clone => "clone",
+            Step::Agent => "agent",
+            Step::Verify => "verify",
+            Step::Commit => "commit",
+            Step::Pr => "pr",
+            Step::Cleanup => "cleanup",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
@@ -36,6 +52,17 @@ pub enum StepState {
     Succeeded,
     Failed,
     Skipped,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Started => "started",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+        }
+    }
 }
 
 /// How a job ended.
@@ -319,6 +346,18 @@ impl EventKind {
 mod tests {
     use super::*;
     use pretty_assertions::assert_eq;
+
+    #[test]
+    fn step_names_are_the_wire_names() {
+        use Step::*;
+        for step in [Queue, Sandbox, Clone, Agent, Verify, Commit, Pr, Cleanup] {
+            assert_eq!(serde_json::to_value(step).unwrap(), step.as_str());
+        }
+        use StepState::*;
+        for state in [Started, Succeeded, Failed, Skipped] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+    }
 
     #[test]
     fn tool_edit_keeps_the_original_shape() {

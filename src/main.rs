@@ -11,10 +11,11 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use tiny_backspace::config::{Config, LogFormat};
 use tiny_backspace::event::{DoneStatus, EventKind, StepState};
-use tiny_backspace::http::{AppState, router};
+use tiny_backspace::http::{AppState, MetricsAccess, router};
 use tiny_backspace::job::{JobRegistry, JobRequest};
 use tiny_backspace::redact::Redactor;
 use tiny_backspace::sandbox::local::launcher;
+use tiny_backspace::telemetry::Tracing;
 
 #[derive(Parser)]
 #[command(
@@ -79,7 +80,13 @@ fn main() -> ExitCode {
         Some(Command::Run { .. }) => "warn",
         Some(Command::Serve) | None => "info",
     };
-    init_logging(&config, default_level);
+    let tracing = match init_logging(&config, default_level) {
+        Ok(tracing) => tracing,
+        Err(err) => {
+            eprintln!("configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -100,6 +107,9 @@ fn main() -> ExitCode {
             } => run(config, repo, prompt, json, base_branch, draft, branch).await,
         }
     });
+    if let Some(tracing) = &tracing {
+        tracing.shutdown();
+    }
     match result {
         Ok(code) => code,
         Err(err) => {
@@ -126,18 +136,32 @@ impl Write for RedactingStderr {
     }
 }
 
-fn init_logging(config: &Config, default_level: &str) {
+/// The log on stderr and, with an OTLP endpoint configured, the trace exporter (returned, to be
+/// flushed at exit). Each has its own filter: `RUST_LOG` says what is logged, traces always carry
+/// the job, step and call spans.
+fn init_logging(config: &Config, default_level: &str) -> Result<Option<Tracing>, String> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let redactor = config.redactor();
     let writer = move || RedactingStderr(redactor.clone());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    let log = tracing_subscriber::fmt::layer().with_writer(writer);
+    let log = match config.log_format {
+        LogFormat::Json => log.json().boxed(),
+        LogFormat::Pretty => log.with_ansi(std::io::stderr().is_terminal()).boxed(),
+    };
+    let tracing = Tracing::from_env(&|k| config.var(k))?;
+    let traces = tracing.as_ref().map(|t| {
+        t.layer()
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(traces)
+        .init();
+    Ok(tracing)
 }
 
 /// How long shutdown waits for cancelled jobs to clean up their sandboxes.
@@ -163,6 +187,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         admin_api_keys: config.admin_api_keys.clone(),
         allowed_hosts: config.allowed_hosts.clone(),
         cors_origins: config.cors_origins.clone(),
+        metrics: MetricsAccess {
+            handle: Some(tiny_backspace::telemetry::metrics().map_err(|e| anyhow::anyhow!(e))?),
+            token: config.var("METRICS_TOKEN").filter(|t| !t.trim().is_empty()),
+        },
     });
     let addr = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&addr)

@@ -5,20 +5,12 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::harness::{git, repo_with};
-
-fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiny-backspace"));
-    // A clean environment: no keys, so the dummy agent runs; workspaces in a temp dir.
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", std::env::temp_dir());
-    cmd
-}
+use support::serve::{binary, serve, serve_with};
 
 #[test]
 fn run_prints_json_events_and_exits_zero_on_success() {
@@ -96,39 +88,6 @@ fn run_shows_readable_progress_and_fails_with_a_non_zero_status() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SANDBOX must be"));
-}
-
-/// Starts `serve` on a free port and returns it with its address.
-fn serve(envs: &[(&str, &str)]) -> (std::process::Child, String) {
-    serve_with(binary(), envs)
-}
-
-/// [`serve`], with `command` (the binary, or a wrapper that runs it) as the program.
-fn serve_with(mut command: Command, envs: &[(&str, &str)]) -> (std::process::Child, String) {
-    let mut child = command
-        .args(["serve"])
-        .env("PORT", "0")
-        .envs(envs.iter().copied())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        assert!(Instant::now() < deadline, "serve did not start");
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = stderr.read_to_string(&mut sink);
-    });
-    (child, addr)
 }
 
 fn http(addr: &str, request: &str) -> std::net::TcpStream {

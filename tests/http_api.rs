@@ -34,6 +34,7 @@ async fn api(options: HarnessOptions, api_keys: Vec<String>, allow_local: bool) 
         admin_api_keys: vec![],
         allowed_hosts: vec![],
         cors_origins: vec![],
+        metrics: Default::default(),
     });
     Api {
         app: router(state),
@@ -656,6 +657,7 @@ fn state_with(
         admin_api_keys,
         allowed_hosts,
         cors_origins: vec!["https://app.example.com".into()],
+        metrics: Default::default(),
     }))
 }
 

@@ -64,6 +64,7 @@ async fn two_hundred_clients_that_never_read_a_large_patch_cost_little_memory() 
         admin_api_keys: vec![],
         allowed_hosts: vec![],
         cors_origins: vec![],
+        metrics: Default::default(),
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -11,6 +11,7 @@ use super::provider::{Provider, ProviderError, TextSink, ToolSpec, Turn};
 use super::retry::{RetryPolicy, with_retries};
 use super::transcript::Transcript;
 use crate::event::EventKind;
+use tracing::Instrument;
 
 pub struct ProviderChain {
     providers: Vec<Arc<dyn Provider>>,
@@ -56,7 +57,13 @@ impl ProviderChain {
             };
             let result: Result<Turn, ProviderError> = with_retries(&self.retry, || async {
                 let attempt = AttemptText::default();
-                let turn = provider.complete(transcript, tools, &attempt).await?;
+                let span = tracing::info_span!("provider.request", provider = provider.name());
+                let turn = provider
+                    .complete(transcript, tools, &attempt)
+                    .instrument(span)
+                    .await;
+                crate::telemetry::provider_request(provider.name(), outcome(&turn));
+                let turn = turn?;
                 attempt.commit(text);
                 Ok(turn)
             })
@@ -76,6 +83,7 @@ impl ProviderChain {
                             ..err
                         });
                     };
+                    crate::telemetry::fallback(provider.name(), next.name());
                     observer.event(EventKind::AgentFallback {
                         from: provider.name().to_owned(),
                         to: next.name().to_owned(),
@@ -85,6 +93,21 @@ impl ProviderChain {
                 }
             }
         }
+    }
+}
+
+/// A model request's outcome as a metrics label.
+fn outcome(turn: &Result<Turn, ProviderError>) -> &'static str {
+    match turn {
+        Ok(_) => "ok",
+        Err(e) => match e.status {
+            Some(429) => "rate_limited",
+            Some(529) => "overloaded",
+            Some(401 | 403) => "unauthorized",
+            Some(s) if s >= 500 => "server_error",
+            Some(_) => "client_error",
+            None => "transport",
+        },
     }
 }
 

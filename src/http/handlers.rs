@@ -74,17 +74,7 @@ pub async fn require_api_key(
         });
         return next.run(request).await;
     }
-    let headers = request.headers();
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, key) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(key)
-        })
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim);
-    let caller = presented.and_then(|key| {
+    let caller = presented_key(request.headers()).and_then(|key| {
         key_matches(&state.api_keys, key).then(|| Caller {
             key_id: Some(key_id(key)),
             admin: key_matches(&state.admin_api_keys, key),
@@ -94,17 +84,33 @@ pub async fn require_api_key(
         request.extensions_mut().insert(caller);
         next.run(request).await
     } else {
-        let mut response = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        unauthorized(
             "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",
         )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        response
     }
+}
+
+/// The key a request presents: `Authorization: Bearer <key>` (any case) or `X-API-Key`.
+pub(super) fn presented_key(headers: &header::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
+        })
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+/// `401` with the JSON error shape and a `WWW-Authenticate` challenge.
+pub(super) fn unauthorized(message: &str) -> Response {
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// The id a key's jobs are recorded under: enough of its SHA-256 to tell keys apart, too little
@@ -121,7 +127,7 @@ fn key_id(key: &str) -> String {
 /// Whether `presented` is one of `keys`, in time that depends on neither the keys' lengths nor
 /// which key matched: SHA-256 digests (all 32 bytes) are compared, every key is compared, and
 /// the comparison has no early exit.
-fn key_matches(keys: &[String], presented: &str) -> bool {
+pub(super) fn key_matches(keys: &[String], presented: &str) -> bool {
     use sha2::{Digest, Sha256};
     let presented = Sha256::digest(presented.as_bytes());
     keys.iter().fold(false, |found, key| {

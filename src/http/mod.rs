@@ -3,6 +3,7 @@
 mod edge;
 mod error;
 mod handlers;
+mod metrics;
 mod server;
 mod sse;
 
@@ -36,7 +37,11 @@ pub struct AppState {
     /// `Host` values accepted when no key is configured; empty means unchecked.
     pub allowed_hosts: Vec<String>,
     pub cors_origins: Vec<String>,
+    /// `GET /metrics`: the recorder and its token.
+    pub metrics: MetricsAccess,
 }
+
+pub use metrics::MetricsAccess;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let cors = cors_layer(&state.cors_origins);
@@ -59,7 +64,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     let mut app = Router::new()
         .route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(metrics::metrics))
         .merge(protected)
+        .route_layer(axum::middleware::from_fn(metrics::count_requests))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -20,6 +20,7 @@ use futures::future::{Either, select};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::change;
 use super::cleaner::Cleaner;
@@ -115,6 +116,8 @@ impl Observer for JobObserver {
     }
 
     fn usage(&self, provider: &str, model: &str, usage: TokenUsage) {
+        crate::telemetry::tokens(provider, model, "input", usage.input_tokens);
+        crate::telemetry::tokens(provider, model, "output", usage.output_tokens);
         add_usage(&mut self.job.progress().usage, provider, model, usage);
     }
 }
@@ -234,7 +237,7 @@ async fn work(
         branch: info.base_branch.clone(),
         timeout: b.clone_timeout,
     };
-    let cloned = step.check(sandbox.clone_repo(&spec).await)?;
+    let cloned = step.check(sandbox.clone_repo(&spec).instrument(step.span()).await)?;
     job.progress().base_commit = Some(cloned.head.clone());
     events.emit(EventKind::ToolBash {
         command: format!(
@@ -257,10 +260,17 @@ async fn work(
     let outcome = run_agent(job, b, &sandbox, &cloned, deadline).await?;
 
     let mut step = StepRun::begin(events, Step::Commit, "Collecting the change");
-    let change =
-        step.check(change::collect(sandbox.as_ref(), &cloned.head, b.max_change_bytes).await)?;
+    let change = step.check(
+        change::collect(sandbox.as_ref(), &cloned.head, b.max_change_bytes)
+            .instrument(step.span())
+            .await,
+    )?;
     // Before the change is shown (Diff, patch) or handed to a forge.
-    let change = step.check(change::refuse_secrets(change, &b.redactor).await)?;
+    let change = step.check(
+        change::refuse_secrets(change, &b.redactor)
+            .instrument(step.span())
+            .await,
+    )?;
     record_change(job, &change);
     if change.files.is_empty() {
         if let AgentEnd::OutOfTime(_) = outcome.end {
@@ -321,7 +331,7 @@ async fn run_agent(
         observer,
         b.redactor.clone(),
     );
-    let outcome = step.check(runner.run(transcript).await)?;
+    let outcome = step.check(runner.run(transcript).instrument(step.span()).await)?;
     let message = match &outcome.end {
         AgentEnd::Finished => "The agent finished".to_owned(),
         AgentEnd::Stopped => "The agent stopped without calling finish".to_owned(),
@@ -387,7 +397,12 @@ async fn publish(
         .clone()
         .unwrap_or_else(|| branch_name(&request.prompt, job.id()));
     let message = format!("{title}\n\n{summary}\n\nTiny-Backspace-Job: {}\n", job.id());
-    let pushed = step.check(forge.push_branch(info, change, &branch, &message).await)?;
+    let pushed = step.check(
+        forge
+            .push_branch(info, change, &branch, &message)
+            .instrument(step.span())
+            .await,
+    )?;
     job.progress().branch = Some(pushed.branch.clone());
     step.succeed(format!(
         "Committed {} as {} on branch {}",
@@ -402,7 +417,12 @@ async fn publish(
         draft: request.draft || outcome.partial() || outcome.used_dummy,
     };
     let mut step = StepRun::begin(events, Step::Pr, "Opening the pull request");
-    let opened = step.check(forge.open_pull_request(info, &pushed, &pr).await)?;
+    let opened = step.check(
+        forge
+            .open_pull_request(info, &pushed, &pr)
+            .instrument(step.span())
+            .await,
+    )?;
     let Some(opened) = opened else {
         step.skip(format!(
             "No pull request for a local repository; branch {} holds the change",
@@ -484,17 +504,18 @@ async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner) {
     };
     let mut step = StepRun::begin(events, Step::Cleanup, "Destroying the sandbox");
     // Cleanup must finish even when the job itself was cancelled or timed out.
-    let outcome = match tokio::time::timeout(KILL_TIMEOUT, guard.kill()).await {
-        Ok(Ok(())) => return step.succeed("Sandbox destroyed"),
-        Ok(Err(err)) => JobError::new(
-            err.code(),
-            format!("Sandbox cleanup failed: {err}; retrying in the background"),
-        ),
-        Err(_) => JobError::new(
-            ErrorCode::SandboxTransport,
-            "Sandbox cleanup timed out; retrying in the background",
-        ),
-    };
+    let outcome =
+        match tokio::time::timeout(KILL_TIMEOUT, guard.kill().instrument(step.span())).await {
+            Ok(Ok(())) => return step.succeed("Sandbox destroyed"),
+            Ok(Err(err)) => JobError::new(
+                err.code(),
+                format!("Sandbox cleanup failed: {err}; retrying in the background"),
+            ),
+            Err(_) => JobError::new(
+                ErrorCode::SandboxTransport,
+                "Sandbox cleanup timed out; retrying in the background",
+            ),
+        };
     tracing::error!(error = %outcome.message, "sandbox cleanup failed");
     cleaner.hand_over(job.id(), sandbox);
     step.fail(outcome);
@@ -565,5 +586,8 @@ fn finish(job: &Job, result: Result<Success, Failure>) {
             }),
         },
     };
+    if let EventKind::Done { status, .. } = &done {
+        crate::telemetry::job_finished(*status);
+    }
     job.events().emit(done);
 }

@@ -468,6 +468,13 @@ impl JobRegistry {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Jobs running and jobs queued, now.
+    pub fn load(&self) -> (usize, usize) {
+        let active = self.active();
+        let running = active.min(self.limits.max_concurrent);
+        (running, active - running)
+    }
+
     /// Drops finished jobs past their retention time, then the oldest until both the count and
     /// the byte limits hold. Runs on a timer and whenever a job finishes.
     pub fn prune(&self) {

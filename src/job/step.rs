@@ -82,6 +82,8 @@ pub struct StepRun<'a> {
     step: Step,
     started: Instant,
     open: bool,
+    /// The step's trace span: the work the pipeline does for it runs inside it.
+    span: tracing::Span,
 }
 
 impl<'a> StepRun<'a> {
@@ -97,7 +99,14 @@ impl<'a> StepRun<'a> {
             step,
             started: Instant::now(),
             open: true,
+            span: tracing::info_span!("step", step = step.as_str()),
         }
+    }
+
+    /// The step's span, for the work done in it (`fut.instrument(step.span())`), so that the
+    /// sandbox commands, model requests and GitHub calls it makes nest under it in a trace.
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
     }
 
     /// Passes a success through; an error ends the step as failed and becomes the job's error at
@@ -141,6 +150,11 @@ impl<'a> StepRun<'a> {
         if !std::mem::take(&mut self.open) {
             return;
         }
+        crate::telemetry::step_finished(
+            self.step,
+            state,
+            std::time::Duration::from_millis(elapsed_ms),
+        );
         self.events.emit(EventKind::Status {
             step: self.step,
             state,

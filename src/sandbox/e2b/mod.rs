@@ -392,6 +392,7 @@ impl SandboxProvider for E2bProvider {
 
     async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
         let sandbox: Arc<dyn Sandbox> = self.create_sandbox(job_id).await?;
+        crate::telemetry::sandbox_created("e2b");
         Ok(sandbox)
     }
 }
@@ -652,6 +653,7 @@ impl Sandbox for E2bSandbox {
         }
     }
 
+    #[tracing::instrument(name = "sandbox.exec", skip_all, fields(backend = "e2b"))]
     async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError> {
         let mut envs = base_env();
         envs.extend(req.env.iter().cloned());
@@ -754,7 +756,9 @@ impl Sandbox for E2bSandbox {
         }
         match self.api.kill(&self.id).await {
             Ok(existed) => {
-                self.killed.store(true, Ordering::SeqCst);
+                if !self.killed.swap(true, Ordering::SeqCst) {
+                    crate::telemetry::sandbox_killed("e2b");
+                }
                 tracing::info!(sandbox_id = %self.id, existed, "E2B sandbox killed");
                 Ok(())
             }

@@ -315,7 +315,9 @@ impl SandboxProvider for LocalProvider {
             Enforcement::Cgroup(parent) => Some(create_cgroup(parent, job_id, &self.host)?),
             Enforcement::Rlimits => None,
         };
-        Ok(Arc::new(LocalSandbox::at(dir, self.host.clone(), cgroup)?))
+        let sandbox = LocalSandbox::at(dir, self.host.clone(), cgroup)?;
+        crate::telemetry::sandbox_created("local");
+        Ok(Arc::new(sandbox))
     }
 }
 
@@ -753,6 +755,7 @@ impl Sandbox for LocalSandbox {
         })
     }
 
+    #[tracing::instrument(name = "sandbox.exec", skip_all, fields(backend = "local"))]
     async fn exec(&self, req: &ExecRequest) -> Result<ExecOutput, SandboxError> {
         self.check_alive()?;
         self.run(req).await
@@ -807,6 +810,7 @@ impl Sandbox for LocalSandbox {
         if self.killed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        crate::telemetry::sandbox_killed("local");
         let dir = self.dir.clone();
         let cgroup = self.cgroup.clone();
         tokio::task::spawn_blocking(move || {
