@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One event as stored in a job's log and sent on the wire (`data:` line).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     #[serde(flatten)]
     pub kind: EventKind,
@@ -16,7 +16,7 @@ pub struct Event {
 }
 
 /// A pipeline step, as named in `Status` and `Error` events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Queue,
@@ -45,7 +45,7 @@ impl Step {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
     Started,
@@ -66,7 +66,7 @@ impl StepState {
 }
 
 /// How a job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DoneStatus {
     Succeeded,
@@ -75,7 +75,7 @@ pub enum DoneStatus {
 }
 
 /// How one file changed, in `Diff` events, `GET /jobs/{id}` and PR bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileStatus {
     Added,
@@ -84,7 +84,7 @@ pub enum FileStatus {
     Renamed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileSummary {
     pub path: String,
     pub status: FileStatus,
@@ -93,7 +93,7 @@ pub struct FileSummary {
 }
 
 /// Tokens one provider/model pair used in a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub provider: String,
     pub model: String,
@@ -104,7 +104,7 @@ pub struct Usage {
 /// Every `Error.code` (and `Done.error.code`) a job can end with: one closed set, so clients can
 /// match on it and the OpenAPI document can list it. Each layer's error type maps itself to one of
 /// these with a `code()` method; nothing picks a code by looking at a formatted message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     // The job itself.
@@ -238,13 +238,13 @@ impl PartialEq<&str> for ErrorCode {
 }
 
 /// The `error` object of a failed `Done` and of `GET /jobs/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorInfo {
     pub code: ErrorCode,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type")]
 pub enum EventKind {
     #[serde(rename = "Job Started")]

@@ -20,6 +20,13 @@ use crate::job::{Job, JobRequest, SubmitError};
 /// Longest prompt accepted, in characters.
 pub const MAX_PROMPT_CHARS: usize = 20_000;
 
+/// The backends in use; never needs a key.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, description = "The service is up", body = super::openapi::Health))
+)]
 pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
     let backends = state.registry.backends();
     Json(json!({
@@ -141,6 +148,29 @@ pub(super) fn key_matches(keys: &[String], presented: &str) -> bool {
 }
 
 /// Parses and validates a job request body.
+/// The body of `POST /code` and `POST /jobs`: what [`parse_request`] reads, field by field, so
+/// that each mistake gets its own error.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobBody {
+    /// `https://github.com/OWNER/REPO` (a host in `ALLOWED_REPO_HOSTS`), or an absolute local path
+    /// or `file://` URL where `ALLOW_LOCAL_REPOS` allows it.
+    #[schema(example = "https://github.com/octo/hello")]
+    pub repo_url: String,
+    /// What to change, in plain language (up to 20,000 characters; tabs and line breaks only).
+    #[schema(example = "Add a --version flag")]
+    pub prompt: String,
+    /// The branch to start from and open the pull request against (default: the repository's).
+    #[serde(default)]
+    pub base_branch: Option<String>,
+    /// Open the pull request as a draft.
+    #[serde(default)]
+    pub draft: bool,
+    /// The head branch to create (default: generated, unique per job); must not exist yet.
+    #[serde(default)]
+    pub branch: Option<String>,
+}
+
 fn parse_request(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
@@ -199,6 +229,27 @@ fn parse_request(
             ));
         }
     };
+    validate(
+        state,
+        JobBody {
+            repo_url,
+            prompt,
+            base_branch,
+            draft,
+            branch,
+        },
+    )
+}
+
+/// The rules a well-formed body must also follow, turned into the job to run.
+fn validate(state: &AppState, body: JobBody) -> Result<JobRequest, ApiError> {
+    let JobBody {
+        repo_url,
+        prompt,
+        base_branch,
+        draft,
+        branch,
+    } = body;
     let prompt = prompt.trim().to_owned();
     if prompt.is_empty() {
         return Err(ApiError::bad_request("empty_prompt", "`prompt` is empty"));
@@ -317,6 +368,30 @@ fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
     )]
 }
 
+/// Starts a job and streams its events (Server-Sent Events: one `id:` and one `data:` line per
+/// event, each an `Event`) until `Done`.
+#[utoipa::path(
+    post,
+    path = "/code",
+    tag = "jobs",
+    request_body = JobBody,
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The job's events, from `Job Started` to `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame,
+            headers(("X-Job-Id" = String, description = "The job's id"))),
+        (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
+        (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 429, description = "Too many jobs: the service's or this key's limit", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody),
+        (status = 503, description = "The service is shutting down", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn code(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -332,6 +407,29 @@ pub async fn code(
         .into_response())
 }
 
+/// Starts a job without streaming; follow it at `events_url`.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    request_body = JobBody,
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 202, description = "The job was accepted", body = super::openapi::JobCreated,
+            headers(("X-Job-Id" = String, description = "The job's id"))),
+        (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
+        (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 429, description = "Too many jobs: the service's or this key's limit", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody),
+        (status = 503, description = "The service is shutting down", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn create_job(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -367,6 +465,22 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Job>, ApiErro
         })
 }
 
+/// The job's state, folded from its events.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The job", body = crate::job::state::JobView),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn get_job(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -375,11 +489,35 @@ pub async fn get_job(
     Ok(Json(JobView::of(&*find(&state, &caller, &id)?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// Resume after this event id (as `Last-Event-ID`, for clients that cannot send headers).
     after: Option<String>,
 }
 
+/// The job's events from the resume point (`Last-Event-ID` or `after`), then live until `Done`.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/events",
+    tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
+        EventsQuery
+    ),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The events after the resume point, then live ones until `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame),
+        (status = 204, description = "The job is over and nothing is left after the resume point"),
+        (status = 400, description = "The resume point is not an event id", body = super::openapi::ErrorBody),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn job_events(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -413,6 +551,24 @@ pub async fn job_events(
         .into_response())
 }
 
+/// The change as a unified diff (with binary patches), once the agent has finished.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/patch",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The patch", content_type = "text/x-diff", body = String,
+            headers(("X-Patch-Truncated" = Option<String>, description = "`true` when the patch was cut at 8 MiB"))),
+        (status = 409, description = "The agent has not finished yet", body = super::openapi::ErrorBody),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn job_patch(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -445,6 +601,25 @@ pub async fn job_patch(
     }
 }
 
+/// Cancels a running job: it stops at its next await point, cleans up its sandbox, and ends with
+/// `Done{status:"cancelled"}`.
+#[utoipa::path(
+    delete,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 202, description = "The job is being cancelled", body = super::openapi::Cancelling),
+        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
+        (status = 409, description = "The job has already finished", body = super::openapi::ErrorBody),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn cancel_job(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,

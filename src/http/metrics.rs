@@ -25,6 +25,18 @@ pub struct MetricsAccess {
     pub token: Option<String>,
 }
 
+/// The Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Every series, in the Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "METRICS_TOKEN or an API key is required", body = super::openapi::ErrorBody),
+        (status = 404, description = "This process records no metrics", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn metrics(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let access = &state.metrics;
     let Some(handle) = &access.handle else {

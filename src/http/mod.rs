@@ -4,6 +4,7 @@ mod edge;
 mod error;
 mod handlers;
 mod metrics;
+pub mod openapi;
 mod server;
 mod sse;
 
@@ -65,6 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .merge(protected)
         .route_layer(axum::middleware::from_fn(metrics::count_requests))
         .fallback(handlers::not_found)

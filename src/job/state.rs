@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::registry::Job;
 use crate::event::{DoneStatus, ErrorInfo, Event, EventKind, FileSummary, Step, StepState, Usage};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -104,7 +104,7 @@ impl Summary {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub job_id: String,
     pub state: JobState,
