@@ -414,6 +414,11 @@ impl FakeGithub {
         self.with(|i| i.faults.push(fault));
     }
 
+    /// Drops every fault not used yet.
+    pub fn clear_faults(&self) {
+        self.with(|i| i.faults.clear());
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.with(|i| i.log.clone())
     }

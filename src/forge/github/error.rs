@@ -180,6 +180,17 @@ impl Failure {
         }
     }
 
+    /// Whether a write that failed like this may have been carried out all the same: GitHub
+    /// answered 5xx, did not answer in time, the connection broke after the request went out, or
+    /// the answer could not be read. Such a write is reconciled (its effect looked up) before it
+    /// is retried or reported as failed.
+    pub fn outcome_unknown(&self) -> bool {
+        match self.kind {
+            FailureKind::Status(s) => s >= 500,
+            FailureKind::Timeout | FailureKind::Transport | FailureKind::Decode => true,
+        }
+    }
+
     /// A 403 or 404 on a write that is neither a rate limit nor about workflows: the token cannot
     /// write to this repository (the fork flow may still work).
     pub fn is_no_write_access(&self) -> bool {
@@ -368,13 +379,13 @@ impl Failure {
 }
 
 impl Retryable for Failure {
-    /// GitHub's transient failures: 5xx, a dropped connection, and rate limits whose wait is
-    /// known (`retry-after`, the reset of an exhausted limit, a minute for a secondary limit).
-    /// An exhausted limit without a reset time is not retried: it lasts up to an hour. Our own
-    /// timeout is not retried either: the attempt already used the call's whole budget.
+    /// GitHub's transient failures: 5xx, a dropped connection, no answer in time, and rate limits
+    /// whose wait is known (`retry-after`, the reset of an exhausted limit, a minute for a
+    /// secondary limit). An exhausted limit without a reset time is not retried: it lasts up to
+    /// an hour. The step's deadline decides whether there is time for another attempt.
     fn verdict(&self) -> RetryVerdict {
         match self.kind {
-            FailureKind::Transport => RetryVerdict::Retry { after: None },
+            FailureKind::Transport | FailureKind::Timeout => RetryVerdict::Retry { after: None },
             FailureKind::Status(s) if s >= 500 => RetryVerdict::Retry { after: None },
             FailureKind::Status(429) => RetryVerdict::Retry {
                 after: self.headers.wait,
@@ -383,9 +394,7 @@ impl Retryable for Failure {
                 Some(wait) => RetryVerdict::Retry { after: Some(wait) },
                 None => RetryVerdict::Stop,
             },
-            FailureKind::Status(_) | FailureKind::Timeout | FailureKind::Decode => {
-                RetryVerdict::Stop
-            }
+            FailureKind::Status(_) | FailureKind::Decode => RetryVerdict::Stop,
         }
     }
 }
