@@ -8,8 +8,9 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures::future::join_all;
 use support::faults::{Draw, FaultPlan, Injected};
-use support::soak::{self, SoakConfig};
+use support::soak::{self, Fakes, Server, SoakConfig};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace"))
@@ -75,4 +76,67 @@ fn fault_draws_depend_on_the_seed_the_route_and_the_ordinal_only() {
         .scaled(3.0);
     assert_eq!(scaled.rules()[0].probability, 1.0);
     assert!((0..20).all(|_| scaled.draw("a").fault == Some(Injected::CloseAfter)));
+}
+
+/// SIGTERM while jobs run under faults: every stream still ends with exactly one `Done` (the
+/// jobs in flight and those queued are cancelled), and every sandbox is killed before the
+/// process exits; none is left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_in_the_middle_of_a_soak_ends_every_job_and_kills_every_sandbox() {
+    let seed = 7;
+    // Slow fakes (each request waits up to 150 ms), so jobs are mid-way when the signal comes.
+    let fakes = Fakes::start(soak::issue_plan(seed, 1.0, Duration::from_millis(150))).await;
+    let mut server = Server::start(&binary(), &fakes.env(6));
+    let client = reqwest::Client::new();
+    let url = server.url("");
+    let jobs =
+        join_all((0..12).map(|i| soak::run_job(&client, &url, i, seed, Duration::from_secs(120))));
+    // The signal comes once the first jobs are opening pull requests while others hold
+    // sandboxes at earlier steps.
+    let signal = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let publishing = || {
+            fakes
+                .plan
+                .seen()
+                .get("github.pull")
+                .is_some_and(|n| *n >= 2)
+        };
+        while !(publishing() && fakes.e2b.live_sandboxes() >= 3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the jobs never got that far"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.sigterm();
+    };
+    let (runs, ()) = tokio::join!(jobs, signal);
+    let status = server.wait_exit(Duration::from_secs(90));
+    // The moment the process is gone: nothing alive at E2B, and nothing left to its lifetime.
+    let live = fakes.e2b.live_sandboxes();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(live, 0, "sandboxes alive after the process exited");
+    assert_eq!(fakes.e2b.expired_sandboxes(), 0);
+    assert_eq!(
+        fakes.e2b.killed_sandboxes(),
+        fakes.e2b.created_sandboxes(),
+        "every sandbox was killed by the service"
+    );
+    let violations: Vec<String> = runs
+        .iter()
+        .flat_map(|run| soak::job_violations(run, true))
+        .collect();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let cancelled = runs
+        .iter()
+        .filter(|r| r.done().is_some_and(|d| d["status"] == "cancelled"))
+        .count();
+    assert!(cancelled >= 3, "{cancelled} jobs were cancelled");
+    assert!(
+        runs.iter()
+            .any(|r| r.done().is_some_and(|d| d["status"] == "succeeded")),
+        "some jobs finished before the signal"
+    );
+    assert!(server.leaks.lock().unwrap().is_empty());
 }
