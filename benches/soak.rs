@@ -27,6 +27,7 @@ const USAGE: &str = "usage: soak [--jobs N (1000)] [--concurrency C (16)] [--see
 
 fn main() {
     let mut config = soak::SoakConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
+    config.progress = true;
     config.seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64 % 1_000_000_007)

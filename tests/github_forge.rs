@@ -739,6 +739,8 @@ async fn maps_github_errors_to_clear_forge_errors() {
         .unwrap_err();
     assert_eq!((e.code.as_str(), e.retryable), ("github_unavailable", true));
     assert!(statuses(&fake, "POST", "/pulls").len() > 3);
+    // Each attempt was looked up and found missing: nothing may be open.
+    assert!(!e.message.contains("may be open"), "{}", e.message);
     fake.clear_faults();
 
     // 422 for a workflow file without the `workflow` scope.
@@ -1473,6 +1475,12 @@ async fn a_reconciling_read_that_fails_until_the_deadline_stops_the_step() {
         .await
         .unwrap_err();
     assert_eq!((e.code.as_str(), e.retryable), ("github_unavailable", true));
+    assert!(
+        e.message
+            .contains("may be open on alice/widgets all the same"),
+        "the message says what may be there: {}",
+        e.message
+    );
     assert_eq!(statuses(&fake, "POST", "/pulls"), [502], "never re-sent");
     assert!(statuses(&fake, "GET", "/pulls").len() > 3);
     fake.clear_faults();

@@ -57,6 +57,8 @@ pub struct SoakConfig {
     pub settle: Duration,
     /// A job's stream must end within this.
     pub job_timeout: Duration,
+    /// Print a line every tenth of the jobs.
+    pub progress: bool,
 }
 
 impl SoakConfig {
@@ -70,6 +72,7 @@ impl SoakConfig {
             max_latency: Duration::from_millis(3),
             settle: Duration::from_secs(180),
             job_timeout: Duration::from_secs(300),
+            progress: false,
         }
     }
 }
@@ -642,9 +645,21 @@ pub async fn run(config: &SoakConfig) -> SoakReport {
 
     let started = Instant::now();
     let url = server.url("");
+    let done = AtomicUsize::new(0);
+    let every = (config.jobs / 10).max(1);
     let runs: Vec<JobRun> = futures::stream::iter(0..config.jobs)
         .map(|i| run_job(&client, &url, i, config.seed, config.job_timeout))
         .buffer_unordered(config.concurrency)
+        .inspect(|_| {
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if config.progress && n % every == 0 {
+                eprintln!(
+                    "soak: {n}/{} jobs after {:.0} s",
+                    config.jobs,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        })
         .collect()
         .await;
     report.wall = started.elapsed();

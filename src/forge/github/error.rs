@@ -62,6 +62,9 @@ pub(super) struct Failure {
     pub kind: FailureKind,
     pub message: String,
     pub errors: Vec<Value>,
+    /// A write whose outcome stays unknown: it may have been carried out, and the read that
+    /// would have told failed too.
+    pub unsettled: bool,
     /// Boxed to keep `Result<_, Failure>` small.
     headers: Box<Headers>,
 }
@@ -91,6 +94,7 @@ impl Failure {
             kind,
             message,
             errors: Vec::new(),
+            unsettled: false,
             headers: Box::default(),
         }
     }
@@ -122,6 +126,7 @@ impl Failure {
                     kind: FailureKind::Status(source.status_code.as_u16()),
                     message: source.message.clone(),
                     errors: source.errors.clone().unwrap_or_default(),
+                    unsettled: false,
                     headers: Box::new(Headers {
                         accepted_permissions: header("x-accepted-github-permissions"),
                         accepted_scopes: header("x-accepted-oauth-scopes"),
@@ -189,6 +194,12 @@ impl Failure {
             FailureKind::Status(s) => s >= 500,
             FailureKind::Timeout | FailureKind::Transport | FailureKind::Decode => true,
         }
+    }
+
+    /// Marks a write whose outcome stays unknown after reconciling failed.
+    pub fn unsettled(mut self) -> Self {
+        self.unsettled = true;
+        self
     }
 
     /// A 403 or 404 on a write that is neither a rate limit nor about workflows: the token cannot

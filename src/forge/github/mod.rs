@@ -47,7 +47,7 @@ use super::{
 };
 use crate::event::ErrorCode;
 use crate::repo::RepoRef;
-use crate::retry::{Deadline, RetryPolicy, Retryable as _, with_retries_until};
+use crate::retry::{Deadline, RetryPolicy, RetryVerdict, Retryable as _, with_retries_until};
 use crate::sandbox::FileContent;
 
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -344,7 +344,7 @@ impl GithubForge {
     /// deadline), and what it finds is the result. Only when it finds nothing is the write sent
     /// again, after a backoff, while the deadline allows. Any other failure is returned as it is
     /// (after retries when transient), for the caller to word or to handle (a 422 "already
-    /// exists").
+    /// exists"); one whose reconciling read failed too is marked [`Failure::unsettled`].
     async fn write_reconciled<T, W, WFut, R, RFut>(
         &self,
         until: Instant,
@@ -384,7 +384,7 @@ impl GithubForge {
                             what,
                             "github: could not find out whether the write was carried out ({failure}; the read failed: {read})"
                         );
-                        return Err(failure);
+                        return Err(failure.unsettled());
                     }
                 }
             }
@@ -465,7 +465,14 @@ impl GithubForge {
             .retried(until, CALL_TIMEOUT, || async move {
                 crab.current().user().await
             })
-            .await?;
+            .await;
+        let me = match me {
+            Ok(me) => me,
+            // A token that may not read its user (a GitHub App's) cannot look: the fork request
+            // is sent again instead, which GitHub answers with the existing fork.
+            Err(f) if f.verdict() == RetryVerdict::Stop => return Ok(None),
+            Err(f) => return Err(f),
+        };
         let login = me.login.as_str();
         let found = self
             .retried(until, CALL_TIMEOUT, || async move {
@@ -746,7 +753,17 @@ impl GithubForge {
                     .await
                     .map_err(|f| self.fail(f, &ctx))?
             }
-            Err(f) => return Err(self.fail(f, &ctx).into()),
+            Err(f) => {
+                let unknown = f.unsettled;
+                let mut err = self.fail(f, &ctx);
+                if unknown {
+                    // Nothing orphaned silently: the message says what may be there.
+                    err.message.push_str(&format!(
+                        "; branch `{branch}` may exist on {repo} all the same (GitHub could not be asked)"
+                    ));
+                }
+                return Err(err.into());
+            }
         };
         // Ours when it points at our commit, or at one with the same tree on the same parent.
         self.reuse_branch(
@@ -1148,7 +1165,16 @@ impl Forge for GithubForge {
                     tracing::info!(repo = %full, "github: draft pull requests unavailable ({}); opening a normal one", f.message);
                     draft = false;
                 }
-                Err(f) => return Err(self.fail(f, &ctx)),
+                Err(f) => {
+                    let unknown = f.unsettled;
+                    let mut err = self.fail(f, &ctx);
+                    if unknown {
+                        err.message.push_str(&format!(
+                            "; a pull request for {head} may be open on {full} all the same (GitHub could not be asked)"
+                        ));
+                    }
+                    return Err(err);
+                }
             }
         };
         let created = match created {
