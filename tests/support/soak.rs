@@ -547,7 +547,7 @@ pub struct SoakReport {
     pub succeeded: usize,
     pub failed: usize,
     pub other: usize,
-    /// `Error.code` → how many Error events carried it.
+    /// `Error.code at Error.step` → how many Error events carried it.
     pub error_codes: BTreeMap<String, usize>,
     /// `Done.error.code` of failed jobs → how many.
     pub failure_codes: BTreeMap<String, usize>,
@@ -671,7 +671,11 @@ pub async fn run(config: &SoakConfig) -> SoakReport {
         report.violations.extend(job_violations(run, false));
         for e in &run.events {
             if e.data["type"] == "Error" {
-                let code = e.data["code"].as_str().unwrap_or("?").to_owned();
+                let code = format!(
+                    "{} at {}",
+                    e.data["code"].as_str().unwrap_or("?"),
+                    e.data["step"].as_str().unwrap_or("?")
+                );
                 *report.error_codes.entry(code).or_insert(0) += 1;
             }
         }
