@@ -652,7 +652,7 @@ pub async fn run(config: &SoakConfig) -> SoakReport {
         .buffer_unordered(config.concurrency)
         .inspect(|_| {
             let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-            if config.progress && n % every == 0 {
+            if config.progress && n.is_multiple_of(every) {
                 eprintln!(
                     "soak: {n}/{} jobs after {:.0} s",
                     config.jobs,
