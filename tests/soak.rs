@@ -91,17 +91,11 @@ async fn sigterm_in_the_middle_of_a_soak_ends_every_job_and_kills_every_sandbox(
     let url = server.url("");
     let jobs =
         join_all((0..12).map(|i| soak::run_job(&client, &url, i, seed, Duration::from_secs(120))));
-    // The signal comes once the first jobs are opening pull requests while others hold
+    // The signal comes once the first jobs have opened their pull requests while others hold
     // sandboxes at earlier steps.
     let signal = async {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let publishing = || {
-            fakes
-                .plan
-                .seen()
-                .get("github.pull")
-                .is_some_and(|n| *n >= 2)
-        };
+        let publishing = || fakes.github.pulls().len() >= 2;
         while !(publishing() && fakes.e2b.live_sandboxes() >= 3) {
             assert!(
                 std::time::Instant::now() < deadline,
