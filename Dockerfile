@@ -5,7 +5,7 @@ WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
-    && for b in pipeline e2b sandbox secret_scan; do echo 'fn main() {}' > benches/$b.rs; done \
+    && for b in $(grep -A1 '^\[\[bench\]\]' Cargo.toml | sed -n 's/^name = "\(.*\)"/\1/p'); do echo 'fn main() {}' > "benches/$b.rs"; done \
     && cargo build --release --locked --bin tiny-backspace && rm -rf src benches
 COPY src ./src
 COPY benches ./benches

@@ -9,6 +9,8 @@
 
 #[path = "../tests/support/fake_e2b.rs"]
 mod fake_e2b;
+#[path = "../tests/support/faults.rs"]
+mod faults;
 
 mod common;
 

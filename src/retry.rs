@@ -4,7 +4,7 @@
 //! E2B control plane and GitHub disagree on that) and says so through [`Retryable`]; this module
 //! owns the rest: how long to wait ([`RetryPolicy`]: exponential backoff with jitter, or what the
 //! server asked for), how to read the servers' wait headers, and the loop itself
-//! ([`with_retries`]).
+//! ([`with_retries`], bounded by a count, or [`with_retries_until`], bounded by a deadline).
 //!
 //! Waiting uses [`tokio::time::sleep`], so tests drive it with `tokio::time::pause()`.
 
@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use reqwest::header::HeaderMap;
+use tokio::time::Instant;
 
 /// A server asking for longer than this is sending garbage, not a retry hint.
 const MAX_SANE_WAIT: Duration = Duration::from_secs(86_400);
@@ -145,6 +146,78 @@ where
         );
         tokio::time::sleep(wait).await;
         retry += 1;
+    }
+}
+
+/// The retries of one operation bounded by a deadline rather than a count: after each failure it
+/// says how long to wait before the next attempt, or that there is no time left for one. The
+/// policy's backoff (and `max_retry_after`) applies; `max_retries` does not.
+#[derive(Debug, Clone)]
+pub struct Deadline<'a> {
+    policy: &'a RetryPolicy,
+    until: Instant,
+    retry: u32,
+}
+
+impl<'a> Deadline<'a> {
+    pub fn new(policy: &'a RetryPolicy, until: Instant) -> Self {
+        Self {
+            policy,
+            until,
+            retry: 0,
+        }
+    }
+
+    /// When the operation must be over.
+    pub fn until(&self) -> Instant {
+        self.until
+    }
+
+    /// The wait before the next attempt after a failure with `verdict`, or `None` when there is
+    /// none: the failure is final, the server asked for longer than the policy allows, or the
+    /// wait would end past the deadline.
+    pub fn next_wait(&mut self, verdict: RetryVerdict) -> Option<Duration> {
+        let requested = match verdict {
+            RetryVerdict::Stop => return None,
+            RetryVerdict::Retry { after } => after,
+        };
+        let wait = self.policy.delay(self.retry, requested)?;
+        if Instant::now() + wait >= self.until {
+            return None;
+        }
+        self.retry = self.retry.saturating_add(1);
+        Some(wait)
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails with a [`RetryVerdict::Stop`] error, or the wait
+/// before another attempt would end past `until` (see [`Deadline`]); returns its last result.
+/// An attempt already under way is not cut short by the deadline: each has its own bound.
+pub async fn with_retries_until<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    until: Instant,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    E: Retryable + Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut deadline = Deadline::new(policy, until);
+    loop {
+        let error = match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let Some(wait) = deadline.next_wait(error.verdict()) else {
+            return Err(error);
+        };
+        tracing::info!(
+            wait_ms = wait.as_millis() as u64,
+            error = %error,
+            "retrying before the step's deadline"
+        );
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -500,6 +573,69 @@ mod tests {
         assert!(result.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_bounds_the_retries_not_a_count() {
+        let calls = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let policy = RetryPolicy {
+            max_retries: 0,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        // Waits of 0.5, 1, 2 and 4 s fit in 10 s; the next (8 s) would end past it.
+        let until = start + Duration::from_secs(10);
+        let result: Result<(), _> = with_retries_until(&policy, until, || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Err(Failed(
+                    RetryVerdict::Retry { after: None },
+                    format!("down {n}"),
+                ))
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().1, "down 4");
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(500 + 1000 + 2000 + 4000)
+        );
+
+        // A success within the deadline ends it; a server's wait is honoured exactly.
+        calls.store(0, Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        let result = with_retries_until(&policy, start + Duration::from_secs(10), || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(retry_after_secs(Some(3)))
+                } else {
+                    Ok("done")
+                }
+            }
+        })
+        .await;
+        assert_eq!(result, Ok("done"));
+        assert_eq!(start.elapsed(), Duration::from_secs(6));
+
+        // A wait that would end past the deadline is not started, nor is a Stop retried.
+        let mut deadline = Deadline::new(
+            &policy,
+            tokio::time::Instant::now() + Duration::from_secs(2),
+        );
+        assert_eq!(
+            deadline.next_wait(RetryVerdict::Retry {
+                after: Some(Duration::from_secs(3))
+            }),
+            None
+        );
+        assert_eq!(deadline.next_wait(RetryVerdict::Stop), None);
+        assert_eq!(
+            deadline.next_wait(RetryVerdict::Retry { after: None }),
+            Some(Duration::from_millis(500))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -682,6 +682,25 @@ async fn broken_streams_are_retried_only_when_safe() {
         "{text}"
     );
 
+    // A command marked repeatable (the pipeline's collect step) is run again instead.
+    fake.inject(Fault::CutStream {
+        pattern: "repeat-me".into(),
+    });
+    let before = fake.request_count();
+    let out = bounded(
+        "cut repeatable exec",
+        30,
+        sandbox.exec(&ExecRequest::new("echo repeat-me >> runs.txt; cat runs.txt").repeatable()),
+    )
+    .await
+    .unwrap();
+    assert!(out.success(), "{out:?}");
+    let starts = fake.requests()[before..]
+        .iter()
+        .filter(|r| r.path == "/process.Process/Start")
+        .count();
+    assert_eq!(starts, 2, "started again after the cut");
+
     // A stream that goes silent (no output, no keepalive) is bounded by the idle timeout:
     // repeated for the reader, reported for a command.
     fake.inject(Fault::Stall {

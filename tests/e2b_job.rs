@@ -262,6 +262,17 @@ async fn recovers_from_transient_faults() {
             path: "/process.Process/Start".into(),
             pattern: Some("read-files".into()),
         },
+        // Collecting the change (git add + diff) is repeatable: run again after its stream broke.
+        Fault::CutStream {
+            pattern: "__TB_".into(),
+        },
+        Fault::Hang {
+            path: "/process.Process/Start".into(),
+            pattern: Some("__TB_".into()),
+        },
+        Fault::Stall {
+            pattern: "__TB_".into(),
+        },
     ] {
         let label = format!("{fault:?}");
         let (s, _, done) = job_under(fault).await;
@@ -277,29 +288,6 @@ async fn fails_cleanly_when_it_cannot_recover() {
             Fault::CreateUnavailable(100),
             "sandbox_transport",
             "sandbox",
-        ),
-        // The collect command (git add + diff) is not repeated after it may have run.
-        (
-            Fault::CutStream {
-                pattern: "__TB_".into(),
-            },
-            "sandbox_transport",
-            "commit",
-        ),
-        (
-            Fault::Hang {
-                path: "/process.Process/Start".into(),
-                pattern: Some("__TB_".into()),
-            },
-            "sandbox_transport",
-            "commit",
-        ),
-        (
-            Fault::Stall {
-                pattern: "__TB_".into(),
-            },
-            "sandbox_transport",
-            "commit",
         ),
         (
             Fault::Gone {

@@ -33,8 +33,8 @@ fn remote(owner: &str, name: &str) -> RepoRef {
     }
 }
 
-/// The forge's retry policy with test-sized waits: the same number of retries, a quick backoff,
-/// and server-requested waits honoured up to 2 s.
+/// The forge's retry policy with test-sized waits: a quick backoff, and server-requested waits
+/// honoured up to 2 s. (How many retries fit is the step deadline's business: see [`forge`].)
 fn quick_retry() -> RetryPolicy {
     RetryPolicy {
         initial_backoff: Duration::from_millis(10),
@@ -52,7 +52,11 @@ fn forge(fake: &FakeGithub, token: &str) -> GithubForge {
     .unwrap()
     .with_fork_wait(Duration::from_secs(10), Duration::from_millis(50))
     .with_retry_policy(quick_retry())
+    .with_step_deadline(STEP)
 }
+
+/// The forge's step deadline in these tests.
+const STEP: Duration = Duration::from_millis(1500);
 
 fn file(path: &str, status: FileStatus, content: FileContent) -> ChangedFile {
     ChangedFile {
@@ -727,13 +731,17 @@ async fn maps_github_errors_to_clear_forge_errors() {
     assert_eq!(e.code, "github_validation_failed");
     assert!(e.message.contains("head is invalid"), "{}", e.message);
 
-    // 5xx, after the forge's own retries.
-    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").times(3));
+    // 5xx until the step's deadline: retried (and reconciled) until then, then reported.
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").times(10_000));
     let e = forge_a
         .open_pull_request(&info, &pushed, &draft("t"))
         .await
         .unwrap_err();
     assert_eq!((e.code.as_str(), e.retryable), ("github_unavailable", true));
+    assert!(statuses(&fake, "POST", "/pulls").len() > 3);
+    // Each attempt was looked up and found missing: nothing may be open.
+    assert!(!e.message.contains("may be open"), "{}", e.message);
+    fake.clear_faults();
 
     // 422 for a workflow file without the `workflow` scope.
     fake.set_workflow_scope("alice", false);
@@ -756,7 +764,9 @@ async fn maps_github_errors_to_clear_forge_errors() {
         token: ALICE.into(),
         api_url: "http://127.0.0.1:9".into(),
     })
-    .unwrap();
+    .unwrap()
+    .with_retry_policy(quick_retry())
+    .with_step_deadline(STEP);
     let e = dead
         .prepare(&remote("alice", "widgets"), None)
         .await
@@ -790,8 +800,8 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         .unwrap();
     let work = change(&base, vec![text("README.md", "retry\n")]);
 
-    // The ref is created but the answer is lost (502): the forge re-sends, GitHub says the
-    // reference exists, the forge sees it holds our commit.
+    // The ref is created but the answer is lost (502): the forge reads the ref, sees it holds
+    // our commit, and goes on without sending the POST again.
     fake.fail(Fault::new("POST", "/git/refs", 502, "Server Error").after_success());
     let first = forge
         .push_branch(&info, &work, "tb/retry", "retry\n")
@@ -801,13 +811,8 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         fake.branch_sha("alice/widgets", "tb/retry"),
         Some(first.commit.clone())
     );
-    let ref_posts: Vec<u16> = fake
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/git/refs"))
-        .map(|r| r.status)
-        .collect();
-    assert_eq!(ref_posts, [502, 422], "the forge re-sent the POST");
+    assert_eq!(statuses(&fake, "POST", "/git/refs"), [502], "not re-sent");
+    assert_eq!(statuses(&fake, "GET", "/git/ref/heads/tb/retry"), [200]);
 
     // A whole new attempt with the same change reuses the branch.
     let again = forge
@@ -845,7 +850,8 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         Some(again.commit.clone())
     );
 
-    // The PR is created but the answer is lost; the re-sent POST gets "already exists".
+    // The PR is created but the answer is lost: found and adopted. A whole new attempt meets
+    // "already exists" and finds it too.
     fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").after_success());
     let pr = forge
         .open_pull_request(&info, &again, &draft("Retry"))
@@ -865,7 +871,7 @@ async fn retries_reuse_the_branch_and_the_pull_request() {
         .filter(|r| r.method == "POST" && r.path.ends_with("/pulls"))
         .map(|r| r.status)
         .collect();
-    assert_eq!(pull_posts, [502, 422, 422]);
+    assert_eq!(pull_posts, [502, 422]);
     let refs = git(
         &fake.git_dir("alice/widgets"),
         &["for-each-ref", "--format=%(refname)", "refs/heads"],
@@ -1308,4 +1314,174 @@ async fn a_pull_request_whose_answers_were_all_lost_is_found_and_adopted() {
         .collect();
     assert_eq!(statuses.first(), Some(&502));
     assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+}
+
+/// The fork is created but its answer is lost (502): the forge looks for the token owner's fork
+/// of the upstream, finds it and writes there, without sending the fork request again.
+#[tokio::test]
+async fn a_fork_whose_answer_was_lost_is_found_and_used() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    fake.add_user(BOB, "bob");
+    fake.set_fork_delay(Duration::ZERO);
+    let base = fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, BOB);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    assert_eq!(info.publish, PublishMode::Fork);
+    fake.fail(Fault::new("POST", "/forks", 502, "Server Error").after_success());
+    let pushed = forge
+        .push_branch(
+            &info,
+            &change(&base, vec![text("README.md", "via a lost fork\n")]),
+            "tb/lost-fork",
+            "x\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(pushed.head_ref, "bob:tb/lost-fork");
+    assert_eq!(statuses(&fake, "POST", "/forks"), [502], "not re-sent");
+    assert_eq!(statuses(&fake, "GET", "/user"), [200]);
+    assert_eq!(statuses(&fake, "GET", "/repos/bob/widgets"), [200]);
+    assert_eq!(fake.repo_names(), vec!["alice/widgets", "bob/widgets"]);
+    assert_eq!(
+        fake.branch_sha("bob/widgets", "tb/lost-fork"),
+        Some(pushed.commit.clone())
+    );
+    let pr = forge
+        .open_pull_request(&info, &pushed, &draft("From a lost fork"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pr.number, 1);
+    assert_eq!(fake.pulls().len(), 1);
+}
+
+/// A fork request that failed (502, nothing made) is found missing and sent again.
+#[tokio::test]
+async fn a_fork_request_that_failed_is_sent_again_after_looking() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    fake.add_user(BOB, "bob");
+    fake.set_fork_delay(Duration::ZERO);
+    let base = fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, BOB);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    fake.fail(Fault::new("POST", "/forks", 502, "Server Error"));
+    let pushed = forge
+        .push_branch(
+            &info,
+            &change(&base, vec![text("README.md", "fork again\n")]),
+            "tb/fork-again",
+            "x\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(pushed.head_ref, "bob:tb/fork-again");
+    assert_eq!(statuses(&fake, "POST", "/forks"), [502, 202]);
+    assert_eq!(statuses(&fake, "GET", "/repos/bob/widgets"), [404]);
+}
+
+/// The pull request is created, its answer lost, and the reads that look for it fail too for a
+/// while: they are retried within the step's deadline, the pull request is found and adopted,
+/// and no second one is opened.
+#[tokio::test]
+async fn a_reconciling_read_that_fails_is_retried_within_the_deadline() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    let base = fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, ALICE);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    let pushed = forge
+        .push_branch(
+            &info,
+            &change(&base, vec![text("README.md", "read fails\n")]),
+            "tb/read-fails",
+            "x\n",
+        )
+        .await
+        .unwrap();
+    fake.clear_requests();
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").after_success());
+    fake.fail(Fault::new("GET", "/pulls", 502, "Server Error").times(3));
+    let pr = forge
+        .open_pull_request(&info, &pushed, &draft("Read fails"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pr.number, 1);
+    assert_eq!(fake.pulls().len(), 1);
+    assert_eq!(statuses(&fake, "POST", "/pulls"), [502], "not re-sent");
+    assert_eq!(statuses(&fake, "GET", "/pulls"), [502, 502, 502, 200]);
+
+    // A ref whose answer is lost, and whose reads fail at first: the same.
+    fake.clear_requests();
+    fake.fail(Fault::new("POST", "/git/refs", 502, "Server Error").after_success());
+    fake.fail(Fault::new("GET", "/git/ref/heads/tb/ref-read", 503, "Unavailable").times(2));
+    let pushed = forge
+        .push_branch(
+            &info,
+            &change(&base, vec![text("README.md", "ref read fails\n")]),
+            "tb/ref-read",
+            "x\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.branch_sha("alice/widgets", "tb/ref-read"),
+        Some(pushed.commit)
+    );
+    assert_eq!(statuses(&fake, "POST", "/git/refs"), [502]);
+    assert_eq!(
+        statuses(&fake, "GET", "/git/ref/heads/tb/ref-read"),
+        [503, 503, 200]
+    );
+}
+
+/// When the reads keep failing past the step's deadline, the forge stops and reports the write's
+/// own failure: it cannot know, and it never sends the write again blindly.
+#[tokio::test]
+async fn a_reconciling_read_that_fails_until_the_deadline_stops_the_step() {
+    let fake = FakeGithub::start().await;
+    fake.add_user(ALICE, "alice");
+    let base = fake.create_repo("alice", "widgets", &seed());
+    let forge = forge(&fake, ALICE);
+    let info = forge
+        .prepare(&remote("alice", "widgets"), None)
+        .await
+        .unwrap();
+    let pushed = forge
+        .push_branch(
+            &info,
+            &change(&base, vec![text("README.md", "never known\n")]),
+            "tb/never-known",
+            "x\n",
+        )
+        .await
+        .unwrap();
+    fake.clear_requests();
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").after_success());
+    fake.fail(Fault::new("GET", "/pulls", 502, "Server Error").times(10_000));
+    let e = forge
+        .open_pull_request(&info, &pushed, &draft("Never known"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.code.as_str(), e.retryable), ("github_unavailable", true));
+    assert!(
+        e.message
+            .contains("may be open on alice/widgets all the same"),
+        "the message says what may be there: {}",
+        e.message
+    );
+    assert_eq!(statuses(&fake, "POST", "/pulls"), [502], "never re-sent");
+    assert!(statuses(&fake, "GET", "/pulls").len() > 3);
+    fake.clear_faults();
 }

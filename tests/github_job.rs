@@ -8,16 +8,18 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pretty_assertions::assert_eq;
 use serde_json::json;
-use support::fake_github::{FakeGithub, SeedFile};
+use support::fake_github::{FakeGithub, Fault, SeedFile};
 use support::harness::{self, Harness, HarnessOptions, Scripted, Step, call};
 use tiny_backspace::event::{Event, EventKind};
 use tiny_backspace::forge::Forge;
 use tiny_backspace::forge::github::{GithubConfig, GithubForge};
 use tiny_backspace::job::JobRequest;
 use tiny_backspace::repo::RepoRef;
+use tiny_backspace::retry::RetryPolicy;
 
 const CANARY: &str = "ghp_JOBCANARY_5a4b3c2d1e0f99887766";
 
@@ -48,7 +50,13 @@ async fn harness(
         token: CANARY.into(),
         api_url: fake.api_url(),
     })
-    .unwrap();
+    .unwrap()
+    .with_retry_policy(RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(40),
+        ..tiny_backspace::forge::github::default_retry()
+    })
+    .with_step_deadline(Duration::from_millis(1500));
     let mut options = HarnessOptions {
         remote: Some(Arc::new(forge) as Arc<dyn Forge>),
         // As the real configuration does: the token is a secret the redactor knows.
@@ -282,4 +290,97 @@ async fn a_job_publishes_deletions_binaries_modes_and_symlinks() {
             .contains("Deleted, moved, linked.")
     );
     assert_no_canary(&fake, &events);
+}
+
+/// Statuses the fake answered to requests matching `method` and ending in `path_end`.
+fn statuses(fake: &FakeGithub, method: &str, path_end: &str) -> Vec<u16> {
+    fake.requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.ends_with(path_end))
+        .map(|r| r.status)
+        .collect()
+}
+
+/// GitHub opens the pull request and the answer is lost (502): the job looks, adopts it, and
+/// succeeds with it; no second pull request is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_whose_answer_was_lost_is_the_jobs_pull_request() {
+    let (fake, _base) = fake_with_repo().await;
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").after_success());
+    let h = harness(&fake, None).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "fine" in README.md"#))
+        .unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let pulls = fake.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(
+        done["pr_url"],
+        format!("http://{}/alice/widgets/pull/1", fake.addr)
+    );
+    assert_eq!(done["branch"], pulls[0].head_ref.as_str());
+    assert_eq!(statuses(&fake, "POST", "/pulls"), [502], "not re-sent");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::Error { .. }))
+    );
+    assert_no_canary(&fake, &events);
+}
+
+/// GitHub creates the branch and the answer is lost (502): the job reads the branch, sees its
+/// commit there, and goes on to open the pull request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_whose_answer_was_lost_is_the_jobs_branch() {
+    let (fake, base) = fake_with_repo().await;
+    fake.fail(Fault::new("POST", "/git/refs", 502, "Server Error").after_success());
+    let h = harness(&fake, None).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "grand" in README.md"#))
+        .unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let branch = done["branch"].as_str().unwrap().to_owned();
+    assert_branch_holds(&fake, &base, &branch, &events);
+    assert_eq!(statuses(&fake, "POST", "/git/refs"), [502], "not re-sent");
+    assert_eq!(fake.pulls().len(), 1);
+    assert_eq!(fake.pulls()[0].head_ref, branch);
+}
+
+/// Opening the pull request truly fails (every attempt answered 502, none carried out, until the
+/// step's deadline): the job fails, and its `Done` names the branch it pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_that_was_never_opened_fails_the_job_naming_its_branch() {
+    let (fake, base) = fake_with_repo().await;
+    fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").times(10_000));
+    let h = harness(&fake, None).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "gone" in README.md"#))
+        .unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "github_unavailable", "{done}");
+    assert_eq!(done["pr_url"], serde_json::Value::Null);
+    let branch = done["branch"].as_str().expect("the pushed branch is named");
+    assert!(done["summary"].as_str().unwrap().contains(branch), "{done}");
+    assert_branch_holds(&fake, &base, branch, &events);
+    assert!(fake.pulls().is_empty());
+    // Each failed attempt was reconciled (looked up) before it was sent again.
+    let posts = statuses(&fake, "POST", "/pulls").len();
+    assert!(posts > 1, "retried within the deadline");
+    assert_eq!(statuses(&fake, "GET", "/pulls").len(), posts);
+    let error = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Error { .. }))
+        .map(|e| serde_json::to_value(e).unwrap())
+        .expect("an Error before Done");
+    assert_eq!(error["step"], "pr");
+    fake.clear_faults();
 }

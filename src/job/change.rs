@@ -63,11 +63,15 @@ pub async fn collect(
         patch = mark("PATCH"),
         limit = MAX_PATCH_BYTES + 1,
     );
+    // Staging and describing the change twice gives the same answer, so a run whose stream broke
+    // is run again rather than failing the job (a first run still holding the index makes the
+    // repeat's `git add` fail, which is reported).
     let out = sandbox
         .exec(
             &ExecRequest::new(command)
                 .timeout(Duration::from_secs(300))
-                .output_cap(4 * MAX_PATCH_BYTES),
+                .output_cap(4 * MAX_PATCH_BYTES)
+                .repeatable(),
         )
         .await?;
     if out.truncated {

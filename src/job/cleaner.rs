@@ -3,6 +3,11 @@
 //! here, and a background task keeps killing it, with backoff, until the kill succeeds (an
 //! already-gone sandbox counts as killed) or `GIVE_UP_AFTER` has passed. `/healthz` reports how
 //! many are pending.
+//!
+//! Pending kills live in this process only: a process that dies with some pending leaves those
+//! sandboxes to their E2B lifetime. Once the durable job store exists (issue 11), `hand_over` is
+//! where a pending cleanup gets recorded (and removed when the kill succeeds), and start-up is
+//! where a new process takes over the ones it finds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -32,6 +32,10 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Bytes kept per stream; beyond it the head and tail are kept and the middle dropped.
     pub output_cap: usize,
+    /// Running the command twice does no harm, so a backend may run it again after a transport
+    /// failure even when the first run may have started (a cut stream, no answer in time). Off
+    /// by default: an agent's command may have effects that must not happen twice.
+    pub repeatable: bool,
 }
 
 impl ExecRequest {
@@ -41,7 +45,14 @@ impl ExecRequest {
             env: Vec::new(),
             timeout: Duration::from_secs(120),
             output_cap: 256 * 1024,
+            repeatable: false,
         }
+    }
+
+    /// See [`ExecRequest::repeatable`].
+    pub fn repeatable(mut self) -> Self {
+        self.repeatable = true;
+        self
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {

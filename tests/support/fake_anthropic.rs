@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -22,6 +23,8 @@ use axum::response::Response;
 use axum::routing::post;
 use futures::StreamExt;
 use serde_json::{Value, json};
+
+use super::faults::{FaultPlan, Injected};
 
 /// One piece of a scripted assistant turn.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,6 +250,10 @@ pub(crate) fn record(method: &str, path: &str, headers: &HeaderMap, body: &Bytes
     }
 }
 
+/// Answers a request from its JSON body when no scripted reply is queued: a model that follows
+/// a rule instead of a script (long runs, where each job needs its own turns).
+pub type Responder = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
+
 /// State shared by a fake's handlers.
 #[derive(Default)]
 pub(crate) struct Script {
@@ -260,6 +267,73 @@ pub(crate) struct Script {
     /// Replies kept for the requests whose first message contains the marker (Anthropic only):
     /// see [`FakeServer::push_for`].
     pub routes: Vec<(String, VecDeque<Reply>)>,
+    /// Used when the queue is empty.
+    pub responder: Option<Responder>,
+    /// Seeded random faults (routes `anthropic.messages`, `openai.chat`, `openai.responses`).
+    pub plan: Option<Arc<FaultPlan>>,
+    /// Do not keep requests (long runs).
+    pub quiet: bool,
+}
+
+impl Script {
+    /// The next reply for a request: its marker's queue, the common queue, then the responder.
+    pub fn next_reply(&mut self, first_message: Option<&str>, body: &Value) -> Option<Reply> {
+        let routed = first_message.and_then(|first| {
+            self.routes
+                .iter()
+                .position(|(m, _)| first.contains(m.as_str()))
+        });
+        let reply = match routed {
+            Some(i) => self.routes[i].1.pop_front(),
+            None => self.replies.pop_front(),
+        };
+        reply.or_else(|| self.responder.as_ref().map(|r| r(body)))
+    }
+
+    /// The random fault (and delay) for a request on `route`.
+    pub fn draw(&self, route: &str) -> (Duration, Option<Injected>) {
+        match &self.plan {
+            Some(plan) => {
+                let draw = plan.draw(route);
+                (draw.delay, draw.fault)
+            }
+            None => (Duration::ZERO, None),
+        }
+    }
+
+    pub fn record(&mut self, recorded: &Recorded) {
+        if !self.quiet {
+            self.requests.push(recorded.clone());
+        }
+    }
+}
+
+/// The reply to a request that drew `fault`: an error status instead of the model (`kind` names
+/// the vendor's error type for it; the scripted turn stays queued), a streamed turn cut after its
+/// first few events, or the model's answer lost to a closed connection. `next` takes the reply a
+/// clean request gets.
+#[allow(clippy::result_large_err)] // the error is the response itself, returned once per request
+pub(crate) fn faulty_reply(
+    fault: Option<Injected>,
+    kind: fn(u16) -> &'static str,
+    next: impl FnOnce() -> Option<Reply>,
+) -> Result<Option<Reply>, Response> {
+    match fault {
+        None => Ok(next()),
+        Some(Injected::Status(status)) => Ok(Some(Reply::error(
+            status,
+            kind(status),
+            "fake: injected failure",
+        ))),
+        Some(Injected::CutStream) => Ok(next().map(|reply| match reply {
+            Reply::Turn(turn) => Reply::Cut { turn, after: 4 },
+            other => other,
+        })),
+        Some(Injected::StatusAfter(_) | Injected::CloseAfter) => {
+            next();
+            Err(super::faults::closed_response())
+        }
+    }
 }
 
 /// Splits `text` into pieces of at most `size` characters, the way deltas arrive.
@@ -364,6 +438,21 @@ impl FakeServer {
         }
     }
 
+    /// Answers requests from their body when no scripted reply is queued.
+    pub fn set_responder(&self, responder: Responder) {
+        self.script.lock().unwrap().responder = Some(responder);
+    }
+
+    /// Seeded random faults on every later request.
+    pub fn set_fault_plan(&self, plan: Arc<FaultPlan>) {
+        self.script.lock().unwrap().plan = Some(plan);
+    }
+
+    /// Whether requests are kept for [`Self::requests`] (default on; off for long runs).
+    pub fn set_recording(&self, record: bool) {
+        self.script.lock().unwrap().quiet = !record;
+    }
+
     /// Every request received so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.script.lock().unwrap().requests.clone()
@@ -411,6 +500,16 @@ impl FakeAnthropic {
     /// The base URL for the client: no `/v1`, like `ANTHROPIC_BASE_URL`.
     pub fn base_url(&self) -> String {
         self.origin()
+    }
+}
+
+/// Anthropic's `error.type` for a status.
+fn anthropic_error_kind(status: u16) -> &'static str {
+    match status {
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        401 => "authentication_error",
+        _ => "api_error",
     }
 }
 
@@ -534,9 +633,9 @@ async fn messages(
     body: Bytes,
 ) -> Response {
     let recorded = record("POST", "/v1/messages", &headers, &body);
-    let (reply, ignore_stream, n) = {
+    let (reply, ignore_stream, n, delay) = {
         let mut s = script.lock().unwrap();
-        s.requests.push(recorded.clone());
+        s.record(&recorded);
         let Some(key) = presented_key(&headers) else {
             return error_response(
                 401,
@@ -558,17 +657,19 @@ async fn messages(
             return invalid(message);
         }
         s.served += 1;
+        let (delay, fault) = s.draw("anthropic.messages");
         let first = recorded.body["messages"][0].to_string();
-        let reply = match s
-            .routes
-            .iter()
-            .position(|(m, _)| first.contains(m.as_str()))
-        {
-            Some(i) => s.routes[i].1.pop_front(),
-            None => s.replies.pop_front(),
+        let reply = match faulty_reply(fault, anthropic_error_kind, || {
+            s.next_reply(Some(&first), &recorded.body)
+        }) {
+            Ok(reply) => reply,
+            Err(closed) => return closed,
         };
-        (reply, s.ignore_stream, s.served)
+        (reply, s.ignore_stream, s.served, delay)
     };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let model = recorded.body["model"]
         .as_str()
         .unwrap_or("claude")

@@ -9,6 +9,11 @@
 //! - Every request is logged; `live_sandboxes` counts sandboxes not yet killed or expired.
 //! - One-shot faults: create 503, a create whose answer is unreadable, a stream cut mid-command, a
 //!   stream that goes silent, a request that never gets an answer, a sandbox that vanishes.
+//! - Seeded random faults ([`FakeE2b::set_fault_plan`]) on the routes `e2b.create`, `e2b.kill`
+//!   (`DELETE /sandboxes/{id}`), `e2b.command` (`process.Process/Start`; `CutStream` cuts the
+//!   process's stream after its start event), `e2b.files` and `e2b.other`.
+//! - Sandboxes ended by a `DELETE` and sandboxes that ran past their lifetime are counted apart,
+//!   so a test can tell "killed by the service" from "left to expire".
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -30,6 +35,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::faults::{FaultPlan, Injected, closed_response};
 use tiny_backspace::retry::RetryPolicy;
 use tiny_backspace::sandbox::e2b::{E2bConfig, Timing};
 
@@ -155,6 +161,13 @@ struct Inner {
     next_id: AtomicU64,
     created: AtomicU64,
     uploads: Mutex<Vec<Upload>>,
+    /// Sandboxes removed by a `DELETE`.
+    killed: AtomicU64,
+    /// Sandboxes removed because they ran past their lifetime.
+    expired: AtomicU64,
+    plan: Mutex<Option<Arc<FaultPlan>>>,
+    /// Keep requests and uploads for the accessors (on unless turned off for long runs).
+    quiet: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -284,6 +297,26 @@ impl FakeE2b {
         self.inner.sandboxes.lock().unwrap().len()
     }
 
+    /// Sandboxes ended by a `DELETE` (the service killing them).
+    pub fn killed_sandboxes(&self) -> u64 {
+        self.inner.killed.load(Ordering::SeqCst)
+    }
+
+    /// Sandboxes ended because they ran past their lifetime (nobody killed them).
+    pub fn expired_sandboxes(&self) -> u64 {
+        self.inner.expired.load(Ordering::SeqCst)
+    }
+
+    /// Seeded random faults on every later request (see [`FaultPlan`]).
+    pub fn set_fault_plan(&self, plan: Arc<FaultPlan>) {
+        *self.inner.plan.lock().unwrap() = Some(plan);
+    }
+
+    /// Whether requests and uploads are kept for the accessors (default on; off for long runs).
+    pub fn set_recording(&self, record: bool) {
+        self.inner.quiet.store(!record, Ordering::SeqCst);
+    }
+
     /// Sandboxes ever created.
     pub fn created_sandboxes(&self) -> u64 {
         self.inner.created.load(Ordering::SeqCst)
@@ -327,7 +360,9 @@ async fn reap(inner: Weak<Inner>) {
             .map(|s| s.id.clone())
             .collect();
         for id in expired {
-            inner.remove(&id);
+            if inner.remove(&id) {
+                inner.expired.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -389,15 +424,31 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
             .collect::<Vec<_>>()
             .join(" ")
     });
-    inner.log.lock().unwrap().push(LoggedRequest {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        query: query.clone(),
-        sandbox_id: sandbox_id.clone(),
-        command: command.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    if !inner.quiet.load(Ordering::SeqCst) {
+        inner.log.lock().unwrap().push(LoggedRequest {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            sandbox_id: sandbox_id.clone(),
+            command: command.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
+    let plan = inner.plan.lock().unwrap().clone();
+    let random = match plan {
+        Some(plan) => {
+            let draw = plan.draw(route_name(&parts.method, &path, sandbox_id.is_some()));
+            if !draw.delay.is_zero() {
+                tokio::time::sleep(draw.delay).await;
+            }
+            draw.fault
+        }
+        None => None,
+    };
+    if let Some(Injected::Status(status)) = random {
+        return api_error(status, "fake: injected failure");
+    }
 
     let hang = inner.take_fault(|f| match f {
         Fault::Hang { path: p, pattern } => {
@@ -414,7 +465,7 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         std::future::pending::<()>().await;
     }
 
-    match sandbox_id {
+    let response = match sandbox_id {
         Some(id) => {
             envd(
                 &inner,
@@ -426,10 +477,27 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
                 body,
                 start,
                 command,
+                random == Some(Injected::CutStream),
             )
             .await
         }
         None => control_plane(&inner, &parts.method, &path, &query, &parts.headers, &body),
+    };
+    match random {
+        Some(Injected::StatusAfter(status)) => api_error(status, "fake: injected failure"),
+        Some(Injected::CloseAfter) => closed_response(),
+        Some(Injected::Status(_) | Injected::CutStream) | None => response,
+    }
+}
+
+/// The fault-plan route a request belongs to.
+fn route_name(method: &Method, path: &str, envd: bool) -> &'static str {
+    match (envd, method.as_str(), path) {
+        (false, "POST", "/v2/sandboxes" | "/sandboxes") => "e2b.create",
+        (false, "DELETE", _) => "e2b.kill",
+        (true, "POST", "/process.Process/Start") => "e2b.command",
+        (true, _, "/files") => "e2b.files",
+        _ => "e2b.other",
     }
 }
 
@@ -485,6 +553,7 @@ fn control_plane(
         },
         ("DELETE", ["sandboxes", id]) => {
             if inner.remove(id) {
+                inner.killed.fetch_add(1, Ordering::SeqCst);
                 StatusCode::NO_CONTENT.into_response()
             } else {
                 sandbox_missing(id)
@@ -679,6 +748,7 @@ async fn envd(
     body: Bytes,
     start: Option<Value>,
     command: Option<String>,
+    cut: bool,
 ) -> Response {
     if let Some(command) = &command
         && inner
@@ -714,14 +784,21 @@ async fn envd(
             let Some(start) = start else {
                 return connect_error(400, "invalid_argument", "unreadable request envelope");
             };
-            let stream_fault = command.as_ref().and_then(|command| {
-                inner.take_fault(|f| match f {
-                    Fault::CutStream { pattern } | Fault::Stall { pattern } => {
-                        command.contains(pattern.as_str())
-                    }
-                    _ => false,
+            let stream_fault = command
+                .as_ref()
+                .and_then(|command| {
+                    inner.take_fault(|f| match f {
+                        Fault::CutStream { pattern } | Fault::Stall { pattern } => {
+                            command.contains(pattern.as_str())
+                        }
+                        _ => false,
+                    })
                 })
-            });
+                .or_else(|| {
+                    cut.then(|| Fault::CutStream {
+                        pattern: String::new(),
+                    })
+                });
             start_process(sandbox, headers, start, stream_fault)
         }
         ("POST", "/process.Process/SendSignal") => {
@@ -1254,11 +1331,13 @@ fn post_file(
             std::fs::create_dir_all(parent).unwrap();
         }
         std::fs::write(&real, &content).unwrap();
-        inner.uploads.lock().unwrap().push(Upload {
-            sandbox_id: sandbox.id.clone(),
-            path: path.clone(),
-            content,
-        });
+        if !inner.quiet.load(Ordering::SeqCst) {
+            inner.uploads.lock().unwrap().push(Upload {
+                sandbox_id: sandbox.id.clone(),
+                path: path.clone(),
+                content,
+            });
+        }
         let name = real
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -7,7 +7,10 @@
 //! `git clone --shared` copies (one object store per fork network, like GitHub's).
 //!
 //! Test hooks: [`FakeGithub::fail`] (or `POST /_fake/fail`) injects faults, [`FakeGithub::requests`]
-//! (or `GET /_fake/log`) lists every request with its Authorization header and body.
+//! (or `GET /_fake/log`) lists every request with its Authorization header and body, and
+//! [`FakeGithub::set_fault_plan`] adds seeded random faults (routes `github.read` for every GET,
+//! `github.git` for blob, tree and commit writes, `github.ref`, `github.pull`, `github.fork`,
+//! `github.other`).
 //!
 //! The API is served at `/` or under a prefix such as `/api/v3` (GitHub Enterprise Server);
 //! every `url` field points back at the fake with that prefix, `html_url` at the web root.
@@ -27,6 +30,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use super::faults::{FaultPlan, Injected, closed_response};
 
 /// A file in a seeded repository.
 #[derive(Debug, Clone)]
@@ -80,6 +85,7 @@ pub struct Recorded {
     /// Every header but Authorization, as `name: value`.
     pub other_headers: Vec<String>,
     pub body: String,
+    /// The status answered; 0 when the connection was closed instead.
     pub status: u16,
 }
 
@@ -205,6 +211,9 @@ struct Inner {
     fork_delay: Duration,
     draft_supported: bool,
     next_id: u64,
+    plan: Option<Arc<FaultPlan>>,
+    /// Keep every request in the log (off for long runs).
+    record: bool,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -296,6 +305,8 @@ impl FakeGithub {
             fork_delay: Duration::from_millis(300),
             draft_supported: true,
             next_id: 1000,
+            plan: None,
+            record: true,
         }));
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let task = tokio::spawn(async move {
@@ -414,6 +425,21 @@ impl FakeGithub {
         self.with(|i| i.faults.push(fault));
     }
 
+    /// Seeded random faults on every later request (see [`FaultPlan`]).
+    pub fn set_fault_plan(&self, plan: Arc<FaultPlan>) {
+        self.with(|i| i.plan = Some(plan));
+    }
+
+    /// Whether requests are kept for [`Self::requests`] (default on; off for long runs).
+    pub fn set_recording(&self, record: bool) {
+        self.with(|i| i.record = record);
+    }
+
+    /// Drops every fault not used yet.
+    pub fn clear_faults(&self) {
+        self.with(|i| i.faults.clear());
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.with(|i| i.log.clone())
     }
@@ -449,8 +475,41 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let plan = inner.lock().unwrap().plan.clone();
+    let random = match plan {
+        Some(plan) => {
+            let draw = plan.draw(route_name(&method, uri.path()));
+            if !draw.delay.is_zero() {
+                tokio::time::sleep(draw.delay).await;
+            }
+            draw.fault
+        }
+        None => None,
+    };
     let mut inner = inner.lock().unwrap();
-    inner.handle(&method, &uri, &headers, &body)
+    inner.handle(&method, &uri, &headers, &body, random)
+}
+
+/// The fault-plan route a request belongs to.
+fn route_name(method: &Method, path: &str) -> &'static str {
+    if method == Method::GET {
+        return "github.read";
+    }
+    if method != Method::POST {
+        return "github.other";
+    }
+    let ends = |suffix: &str| path.ends_with(suffix);
+    if ends("/git/blobs") || ends("/git/trees") || ends("/git/commits") {
+        "github.git"
+    } else if ends("/git/refs") {
+        "github.ref"
+    } else if ends("/pulls") {
+        "github.pull"
+    } else if ends("/forks") {
+        "github.fork"
+    } else {
+        "github.other"
+    }
 }
 
 impl Inner {
@@ -459,7 +518,14 @@ impl Inner {
         self.next_id
     }
 
-    fn handle(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Response {
+    fn handle(
+        &mut self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        random: Option<Injected>,
+    ) -> Response {
         let header = |name: &str| {
             headers
                 .get(name)
@@ -483,6 +549,7 @@ impl Inner {
             status: 0,
         };
 
+        let mut closed = false;
         let reply = if path == "/_fake/log" {
             Reply::ok(200, serde_json::to_value(&self.log).unwrap())
         } else if path == "/_fake/fail" && method == Method::POST {
@@ -494,7 +561,18 @@ impl Inner {
                 Err(e) => Reply::error(400, &e.to_string()),
             }
         } else {
-            let fault = self.take_fault(method, &path);
+            let fault = self.take_fault(method, &path).or_else(|| {
+                let (status, after_success) = match random? {
+                    Injected::Status(status) => (status, false),
+                    Injected::StatusAfter(status) => (status, true),
+                    Injected::CloseAfter | Injected::CutStream => {
+                        closed = true;
+                        return None;
+                    }
+                };
+                Some(Fault::new("", "", status, "Server Error").times(1))
+                    .map(|f| Fault { after_success, ..f })
+            });
             let reply = match (&fault, path.strip_prefix(self.prefix.as_str())) {
                 (Some(f), _) if !f.after_success => None,
                 (_, Some(route)) if route.starts_with('/') || route.is_empty() => {
@@ -531,9 +609,12 @@ impl Inner {
                 (None, None) => Reply::not_found(),
             }
         };
-        record.status = reply.status;
-        if !path.starts_with("/_fake/") {
+        record.status = if closed { 0 } else { reply.status };
+        if !path.starts_with("/_fake/") && self.record {
             self.log.push(record);
+        }
+        if closed {
+            return closed_response();
         }
         self.respond(reply)
     }

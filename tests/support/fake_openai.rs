@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 pub use super::fake_anthropic::{Block, FakeServer, Recorded, Reply, ScriptedTurn};
 use super::fake_anthropic::{
-    Ending, Script, frame, json_response, pieces, record, sse_response, take,
+    Ending, Script, faulty_reply, frame, json_response, pieces, record, sse_response, take,
 };
 
 const CREATED: u64 = 1_763_700_000;
@@ -77,19 +77,44 @@ fn invalid(message: String) -> Response {
     )
 }
 
+/// OpenAI's `error.type` for a status.
+fn openai_error_kind(status: u16) -> &'static str {
+    match status {
+        429 => "rate_limit_exceeded",
+        401 => "invalid_api_key",
+        _ => "server_error",
+    }
+}
+
 /// Common checks and bookkeeping: records the request, checks the key and the body, and hands
-/// out the next reply (or the response to send instead).
-#[allow(clippy::result_large_err)] // the error is the response itself, returned once per request
-fn admit(
+/// out the next reply (or the response to send instead), after waiting what the fault plan says.
+async fn admit(
     script: &Arc<Mutex<Script>>,
     path: &str,
     headers: &HeaderMap,
     body: &Bytes,
     validate: fn(&Value) -> Result<(), String>,
 ) -> Result<(Recorded, Reply, bool, u64), Response> {
+    let admitted = admit_now(script, path, headers, body, validate);
+    if let Ok((_, _, _, _, delay)) = &admitted
+        && !delay.is_zero()
+    {
+        tokio::time::sleep(*delay).await;
+    }
+    admitted.map(|(recorded, reply, stream, n, _)| (recorded, reply, stream, n))
+}
+
+#[allow(clippy::result_large_err)] // the error is the response itself, returned once per request
+fn admit_now(
+    script: &Arc<Mutex<Script>>,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    validate: fn(&Value) -> Result<(), String>,
+) -> Result<(Recorded, Reply, bool, u64, std::time::Duration), Response> {
     let recorded = record("POST", path, headers, body);
     let mut s = script.lock().unwrap();
-    s.requests.push(recorded.clone());
+    s.record(&recorded);
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -127,7 +152,16 @@ fn admit(
     s.served += 1;
     let n = s.served;
     let ignore_stream = s.ignore_stream;
-    let Some(reply) = s.replies.pop_front() else {
+    let route = if path.ends_with("/responses") {
+        "openai.responses"
+    } else {
+        "openai.chat"
+    };
+    let (delay, fault) = s.draw(route);
+    let reply = faulty_reply(fault, openai_error_kind, || {
+        s.next_reply(None, &recorded.body)
+    })?;
+    let Some(reply) = reply else {
         return Err(error_response(
             500,
             "server_error",
@@ -136,7 +170,7 @@ fn admit(
         ));
     };
     let stream = recorded.body["stream"] == json!(true) && !ignore_stream;
-    Ok((recorded, reply, stream, n))
+    Ok((recorded, reply, stream, n, delay))
 }
 
 fn text_of(turn: &ScriptedTurn) -> String {
@@ -213,7 +247,9 @@ async fn chat(
         &headers,
         &body,
         validate_chat,
-    ) {
+    )
+    .await
+    {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
@@ -400,7 +436,9 @@ async fn responses(
         &headers,
         &body,
         validate_responses,
-    ) {
+    )
+    .await
+    {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };

@@ -6,6 +6,8 @@ pub mod fake_anthropic;
 pub mod fake_e2b;
 pub mod fake_github;
 pub mod fake_openai;
+pub mod faults;
 pub mod harness;
 pub mod python;
 pub mod serve;
+pub mod soak;

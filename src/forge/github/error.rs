@@ -62,6 +62,9 @@ pub(super) struct Failure {
     pub kind: FailureKind,
     pub message: String,
     pub errors: Vec<Value>,
+    /// A write whose outcome stays unknown: it may have been carried out, and the read that
+    /// would have told failed too.
+    pub unsettled: bool,
     /// Boxed to keep `Result<_, Failure>` small.
     headers: Box<Headers>,
 }
@@ -91,6 +94,7 @@ impl Failure {
             kind,
             message,
             errors: Vec::new(),
+            unsettled: false,
             headers: Box::default(),
         }
     }
@@ -122,6 +126,7 @@ impl Failure {
                     kind: FailureKind::Status(source.status_code.as_u16()),
                     message: source.message.clone(),
                     errors: source.errors.clone().unwrap_or_default(),
+                    unsettled: false,
                     headers: Box::new(Headers {
                         accepted_permissions: header("x-accepted-github-permissions"),
                         accepted_scopes: header("x-accepted-oauth-scopes"),
@@ -178,6 +183,23 @@ impl Failure {
             }
             _ => false,
         }
+    }
+
+    /// Whether a write that failed like this may have been carried out all the same: GitHub
+    /// answered 5xx, did not answer in time, the connection broke after the request went out, or
+    /// the answer could not be read. Such a write is reconciled (its effect looked up) before it
+    /// is retried or reported as failed.
+    pub fn outcome_unknown(&self) -> bool {
+        match self.kind {
+            FailureKind::Status(s) => s >= 500,
+            FailureKind::Timeout | FailureKind::Transport | FailureKind::Decode => true,
+        }
+    }
+
+    /// Marks a write whose outcome stays unknown after reconciling failed.
+    pub fn unsettled(mut self) -> Self {
+        self.unsettled = true;
+        self
     }
 
     /// A 403 or 404 on a write that is neither a rate limit nor about workflows: the token cannot
@@ -368,13 +390,13 @@ impl Failure {
 }
 
 impl Retryable for Failure {
-    /// GitHub's transient failures: 5xx, a dropped connection, and rate limits whose wait is
-    /// known (`retry-after`, the reset of an exhausted limit, a minute for a secondary limit).
-    /// An exhausted limit without a reset time is not retried: it lasts up to an hour. Our own
-    /// timeout is not retried either: the attempt already used the call's whole budget.
+    /// GitHub's transient failures: 5xx, a dropped connection, no answer in time, and rate limits
+    /// whose wait is known (`retry-after`, the reset of an exhausted limit, a minute for a
+    /// secondary limit). An exhausted limit without a reset time is not retried: it lasts up to
+    /// an hour. The step's deadline decides whether there is time for another attempt.
     fn verdict(&self) -> RetryVerdict {
         match self.kind {
-            FailureKind::Transport => RetryVerdict::Retry { after: None },
+            FailureKind::Transport | FailureKind::Timeout => RetryVerdict::Retry { after: None },
             FailureKind::Status(s) if s >= 500 => RetryVerdict::Retry { after: None },
             FailureKind::Status(429) => RetryVerdict::Retry {
                 after: self.headers.wait,
@@ -383,9 +405,7 @@ impl Retryable for Failure {
                 Some(wait) => RetryVerdict::Retry { after: Some(wait) },
                 None => RetryVerdict::Stop,
             },
-            FailureKind::Status(_) | FailureKind::Timeout | FailureKind::Decode => {
-                RetryVerdict::Stop
-            }
+            FailureKind::Status(_) | FailureKind::Decode => RetryVerdict::Stop,
         }
     }
 }

@@ -12,6 +12,14 @@
 //! fork with the existing fork, and "A pull request already exists" is answered by looking the
 //! pull request up. octocrab's own retries are off: they re-send at once, with no backoff, and
 //! ignore `retry-after`.
+//!
+//! A write whose outcome is unknown (a 5xx, no answer in time, a connection lost after the request
+//! went out, an unreadable answer) is reconciled before it is retried or reported: the branch's
+//! ref, the fork, or the open pull request for the head is read, and what is there is used
+//! ([`GithubForge::write_reconciled`]). So a lost answer never turns into a failed job with its
+//! pull request open, nor into a second pull request. Retries, reconciling reads included, are
+//! bounded by a deadline per step (reading the repository, forking, writing the branch, opening
+//! the pull request), not by a count, and still honour `retry-after` and secondary rate limits.
 
 mod error;
 
@@ -29,6 +37,7 @@ use octocrab::models::repos::{CommitAuthor, Object, Ref};
 use octocrab::params::repos::Reference;
 use octocrab::service::middleware::retry::RetryConfig;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use self::error::{Ctx, Failure};
 use super::local::{AUTHOR_EMAIL, AUTHOR_NAME};
@@ -38,7 +47,7 @@ use super::{
 };
 use crate::event::ErrorCode;
 use crate::repo::RepoRef;
-use crate::retry::{RetryPolicy, with_retries};
+use crate::retry::{Deadline, RetryPolicy, RetryVerdict, Retryable as _, with_retries_until};
 use crate::sandbox::FileContent;
 
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -56,6 +65,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// GitHub: "If this takes longer than 5 minutes, be sure to contact GitHub Support."
 const FORK_WAIT: Duration = Duration::from_secs(300);
+/// How long one step (reading the repository, forking, writing the branch, opening the pull
+/// request) may keep retrying: room for a secondary rate limit's minute and a few backoffs,
+/// within the time a job keeps back for publishing.
+const STEP_DEADLINE: Duration = Duration::from_secs(90);
 const FORK_POLL: Duration = Duration::from_secs(2);
 
 const READ_NEEDS: &str = "read access (classic token: `repo` scope for private repositories; fine-grained: Metadata and Contents: read)";
@@ -108,10 +121,12 @@ pub struct GithubForge {
     fork_wait: Duration,
     fork_poll: Duration,
     retry: RetryPolicy,
+    step_deadline: Duration,
 }
 
-/// Two retries with backoff from 1 s, as octocrab's default made (but spaced out), and a
-/// rate limit's requested wait honoured up to a minute, GitHub's own advice for secondary limits.
+/// Backoff from 1 s doubling up to 16 s, and a rate limit's requested wait honoured up to a minute,
+/// GitHub's own advice for secondary limits. How many retries fit is the step's deadline's
+/// business; `max_retries` is not used.
 pub fn default_retry() -> RetryPolicy {
     RetryPolicy {
         max_retries: 2,
@@ -215,6 +230,7 @@ impl GithubForge {
             fork_wait: FORK_WAIT,
             fork_poll: FORK_POLL,
             retry: default_retry(),
+            step_deadline: STEP_DEADLINE,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             // Surface client set-up problems (e.g. no CA roots) at start-up.
@@ -266,6 +282,17 @@ impl GithubForge {
         self
     }
 
+    /// How long one step may keep retrying (default 90 s).
+    pub fn with_step_deadline(mut self, deadline: Duration) -> Self {
+        self.step_deadline = deadline;
+        self
+    }
+
+    /// The deadline of a step that starts now.
+    fn step(&self) -> Instant {
+        Instant::now() + self.step_deadline
+    }
+
     /// Runs one octocrab call with a deadline, reducing any failure to a [`Failure`] whose
     /// message cannot hold the token (it is logged when retried).
     async fn once<T>(
@@ -285,24 +312,86 @@ impl GithubForge {
     }
 
     /// Runs a call that is safe to repeat (see the module doc), each attempt bounded by `limit`,
-    /// repeating it after transient failures under the forge's policy.
-    async fn retried<T, F, Fut>(&self, limit: Duration, mut call: F) -> Result<T, Failure>
+    /// repeating it after transient failures under the forge's policy until `until`.
+    async fn retried<T, F, Fut>(
+        &self,
+        until: Instant,
+        limit: Duration,
+        mut call: F,
+    ) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = octocrab::Result<T>>,
     {
-        with_retries(&self.retry, || self.once(limit, call())).await
+        with_retries_until(&self.retry, until, || self.once(limit, call())).await
     }
 
     /// [`Self::retried`] with the failure worded for `ctx`.
-    async fn call<T, F, Fut>(&self, ctx: &Ctx, call: F) -> Result<T, ForgeError>
+    async fn call<T, F, Fut>(&self, until: Instant, ctx: &Ctx, call: F) -> Result<T, ForgeError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = octocrab::Result<T>>,
     {
-        match self.retried(CALL_TIMEOUT, call).await {
+        match self.retried(until, CALL_TIMEOUT, call).await {
             Ok(value) => Ok(value),
             Err(failure) => Err(self.fail(failure, ctx)),
+        }
+    }
+
+    /// Runs a write whose effect `reconcile` can look up. When an attempt's outcome is unknown
+    /// (see [`Failure::outcome_unknown`]), the write may have happened although its answer was
+    /// lost: `reconcile` reads the state it would have made (retrying that read within the same
+    /// deadline), and what it finds is the result. Only when it finds nothing is the write sent
+    /// again, after a backoff, while the deadline allows. Any other failure is returned as it is
+    /// (after retries when transient), for the caller to word or to handle (a 422 "already
+    /// exists"); one whose reconciling read failed too is marked [`Failure::unsettled`].
+    async fn write_reconciled<T, W, WFut, R, RFut>(
+        &self,
+        until: Instant,
+        what: &str,
+        mut write: W,
+        mut reconcile: R,
+    ) -> Result<T, Failure>
+    where
+        W: FnMut() -> WFut,
+        WFut: Future<Output = octocrab::Result<T>>,
+        R: FnMut() -> RFut,
+        RFut: Future<Output = Result<Option<T>, Failure>>,
+    {
+        let mut deadline = Deadline::new(&self.retry, until);
+        loop {
+            let failure = match self.once(CALL_TIMEOUT, write()).await {
+                Ok(value) => return Ok(value),
+                Err(failure) => failure,
+            };
+            if failure.outcome_unknown() {
+                match reconcile().await {
+                    Ok(Some(found)) => {
+                        tracing::warn!(
+                            what,
+                            "github: the write was carried out although its answer was lost ({failure}); using what it made"
+                        );
+                        return Ok(found);
+                    }
+                    Ok(None) => {
+                        tracing::info!(
+                            what,
+                            "github: the write was not carried out ({failure}); sending it again"
+                        );
+                    }
+                    Err(read) => {
+                        tracing::warn!(
+                            what,
+                            "github: could not find out whether the write was carried out ({failure}; the read failed: {read})"
+                        );
+                        return Err(failure.unsettled());
+                    }
+                }
+            }
+            let Some(wait) = deadline.next_wait(failure.verdict()) else {
+                return Err(failure);
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -323,10 +412,10 @@ impl GithubForge {
         }
     }
 
-    async fn get_ref(&self, target: &Target, branch: &str) -> Result<Ref, Failure> {
+    async fn get_ref(&self, until: Instant, target: &Target, branch: &str) -> Result<Ref, Failure> {
         let crab = self.crab()?;
         let reference = &Reference::Branch(encode_branch(branch));
-        self.retried(CALL_TIMEOUT, || async move {
+        self.retried(until, CALL_TIMEOUT, || async move {
             crab.git(&target.owner, &target.name)
                 .get_ref(reference)
                 .await
@@ -334,12 +423,74 @@ impl GithubForge {
         .await
     }
 
-    async fn get_commit(&self, target: &Target, sha: &str) -> Result<GitCommitObject, Failure> {
+    /// The branch's ref, `None` when it does not exist.
+    async fn find_ref(
+        &self,
+        until: Instant,
+        target: &Target,
+        branch: &str,
+    ) -> Result<Option<Ref>, Failure> {
+        match self.get_ref(until, target, branch).await {
+            Ok(found) => Ok(Some(found)),
+            Err(f) if f.status() == Some(404) => Ok(None),
+            Err(f) => Err(f),
+        }
+    }
+
+    async fn get_commit(
+        &self,
+        until: Instant,
+        target: &Target,
+        sha: &str,
+    ) -> Result<GitCommitObject, Failure> {
         let crab = self.crab()?;
-        self.retried(CALL_TIMEOUT, || async move {
+        self.retried(until, CALL_TIMEOUT, || async move {
             crab.git(&target.owner, &target.name).get_commit(sha).await
         })
         .await
+    }
+
+    /// The token owner's fork of `owner/name`, looked up after a fork request whose answer was
+    /// lost: the token's login, then that login's repository of the same name, when it is a fork
+    /// of this upstream. `None` when there is none (GitHub may have named it differently; the
+    /// repeated fork request then returns it).
+    async fn find_fork(
+        &self,
+        until: Instant,
+        owner: &str,
+        name: &str,
+    ) -> Result<Option<octocrab::models::Repository>, Failure> {
+        let crab = self.crab()?;
+        let me = self
+            .retried(until, CALL_TIMEOUT, || async move {
+                crab.current().user().await
+            })
+            .await;
+        let me = match me {
+            Ok(me) => me,
+            // A token that may not read its user (a GitHub App's) cannot look: the fork request
+            // is sent again instead, which GitHub answers with the existing fork.
+            Err(f) if f.verdict() == RetryVerdict::Stop => return Ok(None),
+            Err(f) => return Err(f),
+        };
+        let login = me.login.as_str();
+        let found = self
+            .retried(until, CALL_TIMEOUT, || async move {
+                crab.repos(login, name).get().await
+            })
+            .await;
+        let repo = match found {
+            Ok(repo) => repo,
+            Err(f) if f.status() == Some(404) => return Ok(None),
+            Err(f) => return Err(f),
+        };
+        let upstream = format!("{owner}/{name}");
+        let of_upstream = repo
+            .parent
+            .as_ref()
+            .and_then(|p| p.full_name.as_deref())
+            .is_some_and(|p| p.eq_ignore_ascii_case(&upstream));
+        Ok((repo.fork == Some(true) && of_upstream).then_some(repo))
     }
 
     /// Forks `upstream` for the token's owner (GitHub returns the existing fork when there is
@@ -355,15 +506,22 @@ impl GithubForge {
         let ctx = Ctx::new("fork the repository", upstream.clone(), FORK_NEEDS);
         let crab = self.client(&ctx)?;
         // GitHub answers a repeated fork request with the existing fork.
+        let until = self.step();
         let fork = self
-            .call(&ctx, || async move {
-                crab.repos(owner, name)
-                    .create_fork()
-                    .default_branch_only(false)
-                    .send()
-                    .await
-            })
-            .await?;
+            .write_reconciled(
+                until,
+                "fork",
+                || async move {
+                    crab.repos(owner, name)
+                        .create_fork()
+                        .default_branch_only(false)
+                        .send()
+                        .await
+                },
+                || self.find_fork(until, owner, name),
+            )
+            .await
+            .map_err(|f| self.fail(f, &ctx))?;
         let fork_owner = fork
             .owner
             .as_ref()
@@ -384,7 +542,7 @@ impl GithubForge {
         let deadline = tokio::time::Instant::now() + self.fork_wait;
         let mut synced = false;
         loop {
-            match self.get_commit(&target, base_commit).await {
+            match self.get_commit(self.step(), &target, base_commit).await {
                 Ok(commit) => return Ok((target, commit.tree.sha)),
                 Err(f) if matches!(f.status(), Some(404 | 409)) => {
                     // A fresh fork is still being copied (409 "Git Repository is empty." or
@@ -498,6 +656,7 @@ impl GithubForge {
         let git = crab.git(&target.owner, &target.name);
         // Only the first write may send us to the fork flow.
         let mut first_write = !target.fork;
+        let until = self.step();
 
         let mut tree = Vec::with_capacity(change.files.len());
         for entry in Self::entries(change) {
@@ -516,7 +675,7 @@ impl GithubForge {
                     let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
                     // Content-addressed: a repeated upload yields the same blob.
                     let blob = self
-                        .retried(UPLOAD_TIMEOUT, || {
+                        .retried(until, UPLOAD_TIMEOUT, || {
                             git.create_blob(encoded.clone()).encoding("base64").send()
                         })
                         .await;
@@ -539,7 +698,9 @@ impl GithubForge {
         let body = json!({ "base_tree": base_tree, "tree": tree });
         let route = format!("/repos/{}/{}/git/trees", target.owner, target.name);
         let created: Result<GitTree, Failure> = self
-            .retried(UPLOAD_TIMEOUT, || crab.post(route.as_str(), Some(&body)))
+            .retried(until, UPLOAD_TIMEOUT, || {
+                crab.post(route.as_str(), Some(&body))
+            })
             .await;
         let tree_sha = match created {
             Ok(tree) => tree.sha,
@@ -558,7 +719,7 @@ impl GithubForge {
             Ctx::new("create the commit", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
         // A repeated commit at worst leaves an unreferenced object behind: the branch names one.
         let commit = self
-            .call(&ctx, || {
+            .call(until, &ctx, || {
                 let (git, tree_sha, identity) = (&git, &tree_sha, &identity);
                 async move {
                     git.create_commit(message, tree_sha.clone())
@@ -574,37 +735,61 @@ impl GithubForge {
         let ctx =
             Ctx::new("create the branch", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
         let reference = Reference::Branch(branch.to_owned());
+        // A lost answer is reconciled by reading the branch: the ref it made is the result.
         let created = self
-            .retried(CALL_TIMEOUT, || {
-                git.create_ref(&reference, commit.sha.clone())
-            })
+            .write_reconciled(
+                until,
+                "branch",
+                || git.create_ref(&reference, commit.sha.clone()),
+                || self.find_ref(until, target, branch),
+            )
             .await;
-        match created {
-            Ok(_) => Ok(commit.sha),
+        let existing = match created {
+            Ok(made) => made,
             Err(f) if f.status() == Some(422) && f.mentions("already exists") => {
-                // A repeat (of this call or of the publish) that got this far: reuse the branch
-                // when it holds the same tree on the same parent.
-                self.reuse_branch(target, branch, &commit.sha, &tree_sha, &change.base_commit)
+                // A repeat (of the publish) that got this far, or someone else's branch.
+                let ctx = Ctx::new("read the existing branch", target.full_name(), READ_NEEDS);
+                self.get_ref(until, target, branch)
                     .await
-                    .map_err(WriteError::Forge)
+                    .map_err(|f| self.fail(f, &ctx))?
             }
-            Err(f) => Err(self.fail(f, &ctx).into()),
-        }
+            Err(f) => {
+                let unknown = f.unsettled;
+                let mut err = self.fail(f, &ctx);
+                if unknown {
+                    // Nothing orphaned silently: the message says what may be there.
+                    err.message.push_str(&format!(
+                        "; branch `{branch}` may exist on {repo} all the same (GitHub could not be asked)"
+                    ));
+                }
+                return Err(err.into());
+            }
+        };
+        // Ours when it points at our commit, or at one with the same tree on the same parent.
+        self.reuse_branch(
+            until,
+            target,
+            branch,
+            existing,
+            &commit.sha,
+            &tree_sha,
+            &change.base_commit,
+        )
+        .await
+        .map_err(WriteError::Forge)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn reuse_branch(
         &self,
+        until: Instant,
         target: &Target,
         branch: &str,
+        existing: Ref,
         commit: &str,
         tree: &str,
         parent: &str,
     ) -> Result<String, ForgeError> {
-        let ctx = Ctx::new("read the existing branch", target.full_name(), READ_NEEDS);
-        let existing = self
-            .get_ref(target, branch)
-            .await
-            .map_err(|f| self.fail(f, &ctx))?;
         let sha = match existing.object {
             Object::Commit { sha, .. } => sha,
             // Branches point at commits; anything else is someone else's ref.
@@ -627,7 +812,7 @@ impl GithubForge {
             READ_NEEDS,
         );
         let other = self
-            .get_commit(target, &sha)
+            .get_commit(until, target, &sha)
             .await
             .map_err(|f| self.fail(f, &ctx))?;
         let same_parent = other.parents.len() == 1
@@ -712,7 +897,7 @@ impl Forge for GithubForge {
             name: name.to_owned(),
             fork: false,
         };
-        match self.get_ref(&target, branch).await {
+        match self.get_ref(self.step(), &target, branch).await {
             Ok(_) => Err(ForgeError::new(
                 ErrorCode::BranchExists,
                 format!("branch `{branch}` already exists in {owner}/{name}"),
@@ -731,8 +916,11 @@ impl Forge for GithubForge {
         let full = format!("{owner}/{name}");
         let ctx = Ctx::new("read the repository", full.clone(), READ_NEEDS);
         let crab = self.client(&ctx)?;
+        let until = self.step();
         let meta = self
-            .call(&ctx, || async move { crab.repos(owner, name).get().await })
+            .call(until, &ctx, || async move {
+                crab.repos(owner, name).get().await
+            })
             .await?;
         if meta.archived == Some(true) {
             return Err(ForgeError::new(
@@ -765,7 +953,7 @@ impl Forge for GithubForge {
             fork: false,
         };
         let ctx = Ctx::new("read the base branch", full.clone(), READ_NEEDS);
-        let head = match self.get_ref(&target, &branch).await {
+        let head = match self.get_ref(until, &target, &branch).await {
             Ok(head) => head,
             Err(f) if f.status() == Some(404) => {
                 return Err(ForgeError::new(
@@ -874,7 +1062,7 @@ impl Forge for GithubForge {
                 };
                 let ctx = Ctx::new("read the base commit", target.full_name(), READ_NEEDS);
                 let base = self
-                    .get_commit(&target, &change.base_commit)
+                    .get_commit(self.step(), &target, &change.base_commit)
                     .await
                     .map_err(|f| self.fail(f, &ctx))?;
                 (target, base.tree.sha)
@@ -934,10 +1122,11 @@ impl Forge for GithubForge {
         } else {
             format!("{owner}:{}", pushed.head_ref)
         };
+        let until = self.step();
+        // The pull request open for this head, if any: how a lost answer is reconciled.
         let find_open = || async {
-            let ctx = Ctx::new("find the existing pull request", full.clone(), READ_NEEDS);
             let page = self
-                .call(&ctx, || {
+                .retried(until, CALL_TIMEOUT, || {
                     pulls
                         .list()
                         .head(head.clone())
@@ -945,57 +1134,64 @@ impl Forge for GithubForge {
                         .send()
                 })
                 .await?;
-            Ok::<_, ForgeError>(page.items.into_iter().next())
+            Ok::<_, Failure>(page.items.into_iter().next())
         };
 
         let mut draft = pr.draft;
         let created = loop {
-            // A repeat after a lost answer meets "already exists", handled below.
             let attempt = self
-                .retried(CALL_TIMEOUT, || {
-                    let mut request = pulls
-                        .create(title.clone(), pushed.head_ref.clone(), base.to_owned())
-                        .body(body.clone())
-                        .draft(draft);
-                    if from_fork {
-                        request = request.maintainer_can_modify(true);
-                    }
-                    request.send()
-                })
+                .write_reconciled(
+                    until,
+                    "pull request",
+                    || {
+                        let mut request = pulls
+                            .create(title.clone(), pushed.head_ref.clone(), base.to_owned())
+                            .body(body.clone())
+                            .draft(draft);
+                        if from_fork {
+                            request = request.maintainer_can_modify(true);
+                        }
+                        request.send()
+                    },
+                    &find_open,
+                )
                 .await;
             match attempt {
                 Ok(created) => break Some(created),
+                // Opened by an earlier publish of the same branch.
                 Err(f) if f.status() == Some(422) && f.mentions("already exists") => break None,
                 Err(f) if f.status() == Some(422) && draft && f.mentions("draft") => {
                     // Draft pull requests are unavailable on some plans: open a normal one.
                     tracing::info!(repo = %full, "github: draft pull requests unavailable ({}); opening a normal one", f.message);
                     draft = false;
                 }
-                // The outcome is unknown (a 5xx, a timeout, a connection lost after sending): the
-                // pull request may exist although every answer was lost. Look before failing, so
-                // a job whose pull request is open is never reported as failed.
-                Err(f) if f.status().is_none_or(|s| s >= 500) => match find_open().await {
-                    Ok(Some(existing)) => {
-                        tracing::warn!(repo = %full, head = %head, "github: the pull request was created although its answer was lost; adopting it");
-                        break Some(existing);
+                Err(f) => {
+                    let unknown = f.unsettled;
+                    let mut err = self.fail(f, &ctx);
+                    if unknown {
+                        err.message.push_str(&format!(
+                            "; a pull request for {head} may be open on {full} all the same (GitHub could not be asked)"
+                        ));
                     }
-                    Ok(None) | Err(_) => return Err(self.fail(f, &ctx)),
-                },
-                Err(f) => return Err(self.fail(f, &ctx)),
+                    return Err(err);
+                }
             }
         };
         let created = match created {
             Some(created) => created,
             None => {
-                // Opened by an earlier attempt: find it.
-                find_open().await?.ok_or_else(|| {
-                    ForgeError::new(
-                        ErrorCode::GithubValidationFailed,
-                        format!(
-                            "GitHub says a pull request already exists for {head} on {full}, but none is open"
-                        ),
-                    )
-                })?
+                let read = Ctx::new("find the existing pull request", full.clone(), READ_NEEDS);
+                find_open()
+                    .await
+                    .map_err(|f| self.fail(f, &read))?
+                    .ok_or_else(|| {
+                        ForgeError::new(
+                            ErrorCode::GithubValidationFailed,
+                            format!(
+                                "GitHub says a pull request already exists for {head} on {full}, but none is open"
+                            ),
+                        )
+                    })?
             }
         };
         let url = created

@@ -450,7 +450,8 @@ impl fmt::Display for RunFailure {
 enum Repeat {
     /// Only when envd certainly did not start it (commands with unknown side effects).
     IfNotStarted,
-    /// Whenever the failure was transient (read-only scripts, the restartable clone).
+    /// Whenever the failure was transient (read-only scripts, the restartable clone, commands
+    /// marked [`ExecRequest::repeatable`]).
     Always,
 }
 
@@ -666,7 +667,12 @@ impl Sandbox for E2bSandbox {
             timeout: req.timeout,
             output_cap: req.output_cap.max(1024),
         };
-        let out = self.run(&process, Repeat::IfNotStarted).await?;
+        let repeat = if req.repeatable {
+            Repeat::Always
+        } else {
+            Repeat::IfNotStarted
+        };
+        let out = self.run(&process, repeat).await?;
         Ok(ExecOutput {
             exit_code: out.exit_code,
             stdout: out.stdout,
