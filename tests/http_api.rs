@@ -1391,3 +1391,86 @@ async fn an_events_token_opens_one_jobs_events_and_nothing_else() {
     let (status, _, _) = send(&app, get(theirs_url)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// `GET /` is the web page: served without a key even when keys are required (it asks for one),
+/// under a strict Content-Security-Policy, from files embedded in the binary, and only to the
+/// `Host` names the service answers.
+#[tokio::test]
+async fn the_web_page_needs_no_key_and_is_served_under_a_strict_policy() {
+    let harness = Harness::new(HarnessOptions::default()).await;
+    let app = state_with(&harness, vec!["key-a-111111".into()], vec![], vec![]);
+    let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+    let (status, headers, bytes) = send(&app, get("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    for directive in [
+        "default-src 'self'",
+        "script-src 'self';",
+        "style-src 'self';",
+        "connect-src 'self';",
+        "frame-ancestors 'none'",
+        "object-src 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+    let html = String::from_utf8(bytes).unwrap();
+    assert!(html.contains(r#"<script type="module" src="/assets/app.js"></script>"#));
+    assert!(html.contains(r#"<label for="api-key">API key</label>"#));
+    for (path, kind) in [
+        ("/assets/app.js", "text/javascript; charset=utf-8"),
+        ("/assets/stream.js", "text/javascript; charset=utf-8"),
+        ("/assets/style.css", "text/css; charset=utf-8"),
+        ("/assets/icon.svg", "image/svg+xml"),
+    ] {
+        let (status, headers, bytes) = send(&app, get(path)).await;
+        assert_eq!(
+            (status, &headers[header::CONTENT_TYPE]),
+            (StatusCode::OK, &kind.parse().unwrap()),
+            "{path}"
+        );
+        assert!(!bytes.is_empty());
+        assert!(headers.contains_key(header::CONTENT_SECURITY_POLICY));
+    }
+    let (status, _, bytes) = send(&app, get("/assets/missing.js")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::NOT_FOUND, "not_found".to_owned())
+    );
+    let (status, _, bytes) = send(&app, post("/", "{}")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed".to_owned()
+        )
+    );
+
+    // With no key configured, the page meets the Host rule like every route, and /healthz says
+    // no key is needed.
+    let open = state_with(&harness, vec![], vec![], vec!["localhost".into()]);
+    let with_host = |host: &str| {
+        Request::get("/")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, _, bytes) = send(&open, with_host("rebound.example")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed".to_owned()
+        )
+    );
+    let (status, _, _) = send(&open, with_host("localhost:8000")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, _, bytes) = send(&open, get("/healthz")).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&bytes).unwrap()["auth"],
+        false
+    );
+}

@@ -8,6 +8,7 @@ mod metrics;
 pub mod openapi;
 mod server;
 mod sse;
+mod web;
 
 use std::sync::Arc;
 
@@ -73,10 +74,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         // The secret lives as long as this router: one per process.
         .layer(Extension(Arc::new(events_token::EventTokens::new())));
+    // The page needs no key (it asks for one), but it meets the same Host rules.
+    let page = web::routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        edge::guard,
+    ));
     let mut app = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
+        .merge(page)
         .merge(protected)
         .route_layer(axum::middleware::from_fn(metrics::count_requests))
         .fallback(handlers::not_found)
