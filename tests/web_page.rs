@@ -120,7 +120,8 @@ struct Server {
     reader: tokio::task::JoinHandle<()>,
 }
 
-async fn start_server(workspaces: &Path, model_url: &str) -> Server {
+/// `serve` on loopback with the local sandbox; `envs` adds the keys and agents.
+async fn start_server(workspaces: &Path, envs: &[(&str, &str)]) -> Server {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tiny-backspace"))
         .arg("serve")
         .env_clear()
@@ -128,13 +129,10 @@ async fn start_server(workspaces: &Path, model_url: &str) -> Server {
         .env("HOME", std::env::temp_dir())
         .env("HOST", "127.0.0.1")
         .env("PORT", "0")
-        .env("API_KEYS", API_KEY)
         .env("ALLOW_LOCAL_REPOS", "true")
         .env("SANDBOX", "local")
         .env("WORKSPACE_DIR", workspaces)
-        .env("AGENTS", "openai,dummy")
-        .env("OPENAI_API_KEY", MODEL_KEY)
-        .env("OPENAI_BASE_URL", model_url)
+        .envs(envs.iter().copied())
         // Request spans are logged, so the log would show a token put in a span.
         .env(
             "RUST_LOG",
@@ -188,7 +186,19 @@ async fn the_page_runs_follows_resumes_and_cancels_jobs_in_a_real_browser() {
     ]);
     let workspaces = tempfile::tempdir().unwrap();
     let gate = start_gate().await;
-    let mut server = start_server(workspaces.path(), &format!("{gate}/v1")).await;
+    let model_url = format!("{gate}/v1");
+    let mut server = start_server(
+        workspaces.path(),
+        &[
+            ("API_KEYS", API_KEY),
+            ("AGENTS", "openai,dummy"),
+            ("OPENAI_API_KEY", MODEL_KEY),
+            ("OPENAI_BASE_URL", &model_url),
+        ],
+    )
+    .await;
+    let open_workspaces = tempfile::tempdir().unwrap();
+    let open = start_server(open_workspaces.path(), &[("AGENTS", "dummy")]).await;
     let out = screenshots_dir();
 
     let run = tokio::process::Command::new("node")
@@ -198,6 +208,7 @@ async fn the_page_runs_follows_resumes_and_cancels_jobs_in_a_real_browser() {
         .env("E2E_REPO", repo.path())
         .env("E2E_GATE_URL", &gate)
         .env("E2E_OUT", &out)
+        .env("E2E_OPEN_URL", &open.url)
         .env("CHROMIUM", &chromium)
         .kill_on_drop(true)
         .output()
@@ -213,7 +224,7 @@ async fn the_page_runs_follows_resumes_and_cancels_jobs_in_a_real_browser() {
         server.log.lock().unwrap()
     );
     let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("ok - ")).collect();
-    assert_eq!(checks.len(), 8, "{stdout}");
+    assert_eq!(checks.len(), 9, "{stdout}");
     let result = |name: &str| {
         stdout
             .lines()
@@ -227,6 +238,11 @@ async fn the_page_runs_follows_resumes_and_cancels_jobs_in_a_real_browser() {
     assert_eq!(
         git(repo.path(), &["show", &format!("{branch}:app.py")]),
         "import sys\n\nname = sys.argv[1] if len(sys.argv) > 1 else \"world\"\nprint(\"Hello, \" + name)\n"
+    );
+    let open_branch = result("open_branch");
+    assert_eq!(
+        git(repo.path(), &["show", &format!("{open_branch}:README.md")]),
+        "# Greeter\n\nSays hello.\nMade with Tiny Backspace\n"
     );
     // The cancelled job ended as cancelled on the server too, and no sandbox is left.
     let client = reqwest::Client::new();

@@ -8,6 +8,7 @@
 //   E2E_REPO      a local repository whose app.py says "Hello "
 //   E2E_GATE_URL  the model gate: POST /release lets the held model request go on
 //   E2E_OUT       where screenshots go
+//   E2E_OPEN_URL  a second server with no API keys (dummy agent only)
 //   CHROMIUM      the browser (default /usr/bin/chromium)
 // Prints `ok - …` per checked behaviour and `result <name>=<value>` lines for the Rust side;
 // exits non-zero on the first failure.
@@ -25,6 +26,7 @@ const key = need('E2E_API_KEY');
 const repo = need('E2E_REPO');
 const gate = need('E2E_GATE_URL');
 const out = need('E2E_OUT');
+const openServer = need('E2E_OPEN_URL');
 const browserPath = process.env.CHROMIUM || '/usr/bin/chromium';
 const WAIT_MS = 20_000;
 
@@ -43,8 +45,10 @@ const watchdog = setTimeout(() => {
   process.exit(1);
 }, 90_000);
 
+const started = Date.now();
+
 function ok(what) {
-  console.log(`ok - ${what}`);
+  console.log(`ok - ${what} [${((Date.now() - started) / 1000).toFixed(1)} s]`);
 }
 
 /**
@@ -285,6 +289,31 @@ async function main() {
     }
     assert.deepEqual(problems, [], 'no console errors (a CSP violation would be one)');
     ok('all requests stayed on the origin, the key never went into a URL, no console errors');
+
+    // A server with no keys (the default on a laptop): no key field, no tokens, a job to the end.
+    const open = await context.newPage();
+    const openRequests = [];
+    open.on('request', (request) => openRequests.push(request.url()));
+    open.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+    await open.goto(`${openServer}/`);
+    await open.locator('#backends', { hasText: 'agents dummy' }).waitFor();
+    assert.equal(await open.locator('#key-form').isVisible(), false);
+    await open.getByLabel('Repository URL').fill(repo);
+    await open.getByLabel('What should change?').fill('append "Made with Tiny Backspace" to README.md');
+    await open.getByLabel('Open the pull request as a draft').check();
+    await open.getByRole('button', { name: 'Start job' }).click();
+    await jobIdOf(open);
+    await open.locator('#job-state[data-state="succeeded"]').waitFor();
+    assertOnceEach(await shownIds(open), 'the open server\'s job');
+    const readme = open.locator('#diff .diff-file[data-path="README.md"] .diff-line.diff-add .code');
+    assert.deepEqual(await readme.allTextContents(), ['Made with Tiny Backspace']);
+    const openBranch = (await open.locator('#result-facts code').first().textContent()).trim();
+    const openStreams = openRequests.filter((url) => /\/jobs\/[^/]+\/events(\?|$)/.test(url));
+    assert.ok(openStreams.length >= 1 && openStreams.every((url) => !url.includes('token=')), 'no token without keys');
+    assert.deepEqual(problems, []);
+    ok(`with no API keys the page asks for none and runs a job to the end (${openBranch})`);
+    console.log(`result open_branch=${openBranch}`);
+    await open.close();
   } catch (error) {
     await page.screenshot({ path: join(out, 'failure.png'), fullPage: true }).catch(() => {});
     throw error;
