@@ -266,7 +266,7 @@ async fn api_keys_are_required_on_every_route_but_healthz() {
     );
     assert_eq!(
         health,
-        json!({"status": "ok", "sandbox": "local", "isolation": null, "limits": null, "agents": ["dummy"], "forge": "none", "cleanup_pending": 0})
+        json!({"status": "ok", "sandbox": "local", "isolation": null, "limits": null, "agents": ["dummy"], "forge": "none", "cleanup_pending": 0, "auth": true})
     );
     let body = json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string();
     for request in [
@@ -276,6 +276,7 @@ async fn api_keys_are_required_on_every_route_but_healthz() {
         Request::get("/jobs/x/events").body(Body::empty()).unwrap(),
         Request::get("/jobs/x/patch").body(Body::empty()).unwrap(),
         Request::delete("/jobs/x").body(Body::empty()).unwrap(),
+        post("/jobs/x/events-token", "{}"),
         Request::get("/jobs/x")
             .header("authorization", "Bearer wrong-key-000")
             .body(Body::empty())
@@ -1245,4 +1246,231 @@ async fn oversized_request_heads_get_json_errors() {
         assert_eq!(error_code(body.as_bytes()), code);
     }
     let _ = stop.send(());
+}
+
+/// `EventSource` cannot send a key: `POST /jobs/{id}/events-token` (with the key) answers a
+/// short-lived token that opens that one job's event stream, and no other route or job.
+#[tokio::test]
+async fn an_events_token_opens_one_jobs_events_and_nothing_else() {
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let harness = Harness::new(HarnessOptions::default()).await;
+    let app = state_with(
+        &harness,
+        vec!["key-a-111111".into(), "key-b-222222".into()],
+        vec![],
+        vec![],
+    );
+    let start = |key: &'static str| {
+        let app = app.clone();
+        let body = json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"});
+        async move {
+            let request = Request::post("/jobs")
+                .header("x-api-key", key)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let (status, _, bytes) = send(&app, request).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            serde_json::from_slice::<Value>(&bytes).unwrap()["job_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let (mine, other, theirs) = (
+        start("key-a-111111").await,
+        start("key-a-111111").await,
+        start("key-b-222222").await,
+    );
+    for id in [&mine, &other, &theirs] {
+        support::harness::events_of(&harness.registry.get(id).unwrap()).await;
+    }
+    let mint = |key: Option<&str>, id: &str| {
+        let mut request = Request::post(format!("/jobs/{id}/events-token"))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        request.body(Body::from("{}")).unwrap()
+    };
+    let (status, _, bytes) = send(&app, mint(Some("key-a-111111"), &mine)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let grant: Value = serde_json::from_slice(&bytes).unwrap();
+    let token = grant["token"].as_str().unwrap().to_owned();
+    assert!(!token.contains("key-a"), "{token}");
+    assert_eq!(grant["expires_in"], 300);
+    assert_eq!(
+        grant["events_url"],
+        format!("/jobs/{mine}/events?token={token}")
+    );
+
+    // The token alone opens the job's stream, from the start or after an id.
+    let get = |uri: String| Request::get(uri).body(Body::empty()).unwrap();
+    let (status, headers, bytes) =
+        send(&app, get(format!("/jobs/{mine}/events?token={token}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let stream = String::from_utf8(bytes).unwrap();
+    assert!(stream.starts_with("id: 1\n"), "{stream}");
+    assert!(stream.contains(r#""type":"Done""#), "{stream}");
+    let (status, _, bytes) = send(
+        &app,
+        Request::get(format!(
+            "/jobs/{}/events?token={token}",
+            mine.to_ascii_uppercase()
+        ))
+        .header("last-event-id", "2")
+        .body(Body::empty())
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8(bytes).unwrap().starts_with("id: 3\n"));
+
+    // Not another job's stream, not another route, not an altered token, not without one.
+    for uri in [
+        format!("/jobs/{other}/events?token={token}"),
+        format!("/jobs/{theirs}/events?token={token}"),
+        format!("/jobs/{mine}?token={token}"),
+        format!("/jobs/{mine}/patch?token={token}"),
+        format!("/jobs/{mine}/events?token={token}A"),
+        format!("/jobs/{mine}/events?token="),
+        format!("/jobs/{mine}/events"),
+    ] {
+        let (status, _, bytes) = send(&app, get(uri.clone())).await;
+        assert_eq!(
+            (status, error_code(&bytes)),
+            (StatusCode::UNAUTHORIZED, "unauthorized".to_owned()),
+            "{uri}"
+        );
+    }
+    let (status, _, _) = send(
+        &app,
+        Request::delete(format!("/jobs/{mine}?token={token}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Minting needs the key, a job the key may see, and a JSON request like every POST.
+    let (status, _, _) = send(&app, mint(None, &mine)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, bytes) = send(&app, mint(Some("key-b-222222"), &mine)).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::NOT_FOUND, "not_found".to_owned())
+    );
+    let (status, _, bytes) = send(
+        &app,
+        Request::post(format!("/jobs/{mine}/events-token"))
+            .header("x-api-key", "key-a-111111")
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type".to_owned()
+        )
+    );
+    // Key b's own token opens key b's job.
+    let (_, _, bytes) = send(&app, mint(Some("key-b-222222"), &theirs)).await;
+    let theirs_url = serde_json::from_slice::<Value>(&bytes).unwrap()["events_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _, _) = send(&app, get(theirs_url)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// `GET /` is the web page: served without a key even when keys are required (it asks for one),
+/// under a strict Content-Security-Policy, from files embedded in the binary, and only to the
+/// `Host` names the service answers.
+#[tokio::test]
+async fn the_web_page_needs_no_key_and_is_served_under_a_strict_policy() {
+    let harness = Harness::new(HarnessOptions::default()).await;
+    let app = state_with(&harness, vec!["key-a-111111".into()], vec![], vec![]);
+    let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+    let (status, headers, bytes) = send(&app, get("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    for directive in [
+        "default-src 'self'",
+        "script-src 'self';",
+        "style-src 'self';",
+        "connect-src 'self';",
+        "frame-ancestors 'none'",
+        "object-src 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+    let html = String::from_utf8(bytes).unwrap();
+    assert!(html.contains(r#"<script type="module" src="/assets/app.js"></script>"#));
+    assert!(html.contains(r#"<label for="api-key">API key</label>"#));
+    for (path, kind) in [
+        ("/assets/app.js", "text/javascript; charset=utf-8"),
+        ("/assets/stream.js", "text/javascript; charset=utf-8"),
+        ("/assets/style.css", "text/css; charset=utf-8"),
+        ("/assets/icon.svg", "image/svg+xml"),
+    ] {
+        let (status, headers, bytes) = send(&app, get(path)).await;
+        assert_eq!(
+            (status, &headers[header::CONTENT_TYPE]),
+            (StatusCode::OK, &kind.parse().unwrap()),
+            "{path}"
+        );
+        assert!(!bytes.is_empty());
+        assert!(headers.contains_key(header::CONTENT_SECURITY_POLICY));
+    }
+    let (status, _, bytes) = send(&app, get("/assets/missing.js")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (StatusCode::NOT_FOUND, "not_found".to_owned())
+    );
+    let (status, _, bytes) = send(&app, post("/", "{}")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed".to_owned()
+        )
+    );
+
+    // With no key configured, the page meets the Host rule like every route, and /healthz says
+    // no key is needed.
+    let open = state_with(&harness, vec![], vec![], vec!["localhost".into()]);
+    let with_host = |host: &str| {
+        Request::get("/")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, _, bytes) = send(&open, with_host("rebound.example")).await;
+    assert_eq!(
+        (status, error_code(&bytes)),
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed".to_owned()
+        )
+    );
+    let (status, _, _) = send(&open, with_host("localhost:8000")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, _, bytes) = send(&open, get("/healthz")).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&bytes).unwrap()["auth"],
+        false
+    );
 }

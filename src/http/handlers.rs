@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +13,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::events_token::{self, EventTokens};
 use super::{ApiError, AppState, sse};
 use crate::job::state::JobView;
 use crate::job::{Job, JobRequest, SubmitError};
@@ -37,6 +38,8 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
         "agents": backends.agent_names(),
         "forge": backends.forges.remote_name(),
         "cleanup_pending": state.registry.cleanup_pending(),
+        // Whether the other routes need an API key: the web page asks for one only then.
+        "auth": !state.api_keys.is_empty(),
     }))
 }
 
@@ -68,7 +71,9 @@ impl Caller {
 }
 
 /// `Authorization: Bearer <key>` (the scheme in any case) or `X-API-Key: <key>` when `API_KEYS` is
-/// set. Passes the [`Caller`] on to the handlers.
+/// set; on `GET /jobs/{id}/events` alone, a valid `?token=` from `POST /jobs/{id}/events-token`
+/// instead (for `EventSource`, which cannot send headers). Passes the [`Caller`] on to the
+/// handlers.
 pub async fn require_api_key(
     State(state): State<Arc<AppState>>,
     mut request: Request,
@@ -81,19 +86,30 @@ pub async fn require_api_key(
         });
         return next.run(request).await;
     }
-    let caller = presented_key(request.headers()).and_then(|key| {
-        key_matches(&state.api_keys, key).then(|| Caller {
+    let presented = presented_key(request.headers());
+    let token = match presented {
+        Some(_) => None,
+        None => events_token_of(&request),
+    };
+    let caller = match (presented, &token) {
+        (Some(key), _) => key_matches(&state.api_keys, key).then(|| Caller {
             key_id: Some(key_id(key)),
             admin: key_matches(&state.admin_api_keys, key),
-        })
-    });
+        }),
+        (None, Some((tokens, job_id, token))) => {
+            tokens.verify(token, job_id, std::time::SystemTime::now())
+        }
+        (None, None) => None,
+    };
     if let Some(caller) = caller {
         request.extensions_mut().insert(caller);
         next.run(request).await
     } else {
-        unauthorized(
-            "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",
-        )
+        unauthorized(if token.is_some() {
+            "the events token is not valid for this job or has expired; POST /jobs/{id}/events-token makes a new one"
+        } else {
+            "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)"
+        })
     }
 }
 
@@ -118,6 +134,27 @@ pub(super) fn unauthorized(message: &str) -> Response {
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
+}
+
+/// The `?token=` of a `GET /jobs/{id}/events` request, with the job id it must be bound to and
+/// the signer that checks it. Any other route ignores a token.
+fn events_token_of(request: &Request) -> Option<(Arc<EventTokens>, String, String)> {
+    let route = request.extensions().get::<MatchedPath>()?;
+    if route.as_str() != super::EVENTS_ROUTE {
+        return None;
+    }
+    let tokens = request.extensions().get::<Arc<EventTokens>>()?.clone();
+    let job_id = request
+        .uri()
+        .path()
+        .strip_prefix("/jobs/")?
+        .strip_suffix("/events")?
+        .to_owned();
+    let token = url::form_urlencoded::parse(request.uri().query()?.as_bytes())
+        .find(|(name, _)| name == "token")?
+        .1
+        .into_owned();
+    Some((tokens, job_id, token))
 }
 
 /// The id a key's jobs are recorded under: enough of its SHA-256 to tell keys apart, too little
@@ -549,6 +586,24 @@ pub async fn job_events(
         sse::stream(job.log(), after, state.registry.stopped()),
     )
         .into_response())
+}
+
+/// `POST /jobs/{id}/events-token`: a short-lived token that lets `EventSource` (which cannot send
+/// the key in a header) follow this one job's events (see `events_token`).
+pub async fn create_events_token(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Extension(tokens): Extension<Arc<EventTokens>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = find(&state, &caller, &id)?;
+    let (token, expires_at) = tokens.mint(job.id(), &caller, std::time::SystemTime::now());
+    Ok(Json(json!({
+        "token": token,
+        "expires_at": expires_at,
+        "expires_in": events_token::TTL.as_secs(),
+        "events_url": format!("/jobs/{}/events?token={token}", job.id()),
+    })))
 }
 
 /// The change as a unified diff (with binary patches), once the agent has finished.

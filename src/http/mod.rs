@@ -2,18 +2,20 @@
 
 mod edge;
 mod error;
+mod events_token;
 mod handlers;
 mod metrics;
 pub mod openapi;
 mod server;
 mod sse;
+mod web;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, Request, header};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
@@ -23,6 +25,9 @@ pub use sse::sse_frame;
 
 use crate::job::JobRegistry;
 use crate::repo::RepoPolicy;
+
+/// The one route that accepts an events token instead of an API key.
+const EVENTS_ROUTE: &str = "/jobs/{id}/events";
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -53,7 +58,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/jobs/{id}",
             get(handlers::get_job).delete(handlers::cancel_job),
         )
-        .route("/jobs/{id}/events", get(handlers::job_events))
+        .route(EVENTS_ROUTE, get(handlers::job_events))
+        .route(
+            "/jobs/{id}/events-token",
+            post(handlers::create_events_token),
+        )
         .route("/jobs/{id}/patch", get(handlers::job_patch))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -62,18 +71,35 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             edge::guard,
-        ));
+        ))
+        // The secret lives as long as this router: one per process.
+        .layer(Extension(Arc::new(events_token::EventTokens::new())));
+    // The page needs no key (it asks for one), but it meets the same Host rules.
+    let page = web::routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        edge::guard,
+    ));
     let mut app = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
+        .merge(page)
         .merge(protected)
         .route_layer(axum::middleware::from_fn(metrics::count_requests))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(edge::limit_head))
-        .layer(TraceLayer::new_for_http())
+        // Spans name the path without the query, which may hold an events token.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                tracing::debug_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                )
+            }),
+        )
         .with_state(state);
     if let Some(cors) = cors {
         app = app.layer(cors);
