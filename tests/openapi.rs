@@ -37,6 +37,9 @@ async fn the_document_names_every_route_and_each_one_answers() {
         .map(String::as_str)
         .collect();
     let routes: BTreeSet<&str> = [
+        "/",
+        "/assets/{name}",
+        "/jobs/{id}/events-token",
         "/code",
         "/healthz",
         "/jobs",

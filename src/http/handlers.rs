@@ -541,6 +541,7 @@ pub struct EventsQuery {
     params(
         ("id" = String, Path, description = "The job's id"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
+        ("token" = Option<String>, Query, description = "An events token from `POST /jobs/{id}/events-token`, in place of an API key (for `EventSource`)"),
         EventsQuery
     ),
     security((), ("bearer" = []), ("api_key" = [])),
@@ -590,6 +591,23 @@ pub async fn job_events(
 
 /// `POST /jobs/{id}/events-token`: a short-lived token that lets `EventSource` (which cannot send
 /// the key in a header) follow this one job's events (see `events_token`).
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/events-token",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "A token for this job's events, valid for a few minutes", body = super::openapi::EventsToken),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
+        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
+        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+    )
+)]
 pub async fn create_events_token(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,

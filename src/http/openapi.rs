@@ -81,6 +81,19 @@ impl utoipa::PartialSchema for EventFrame {
 
 impl ToSchema for EventFrame {}
 
+/// `POST /jobs/{id}/events-token`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct EventsToken {
+    /// Pass it as `?token=` to `GET /jobs/{id}/events` (and nowhere else).
+    pub token: String,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Seconds from now.
+    pub expires_in: u64,
+    /// The events URL with the token in it.
+    pub events_url: String,
+}
+
 /// `GET /healthz`: the backends in use.
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -115,12 +128,16 @@ pub struct Health {
         super::handlers::job_events,
         super::handlers::job_patch,
         super::handlers::cancel_job,
+        super::handlers::create_events_token,
+        super::web::index,
+        super::web::asset,
         super::metrics::metrics,
         openapi_json,
     ),
     components(schemas(
         super::handlers::JobBody,
         JobCreated,
+        EventsToken,
         Cancelling,
         Health,
         ErrorBody,

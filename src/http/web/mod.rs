@@ -79,11 +79,37 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/assets/{name}", get(asset))
 }
 
-async fn index() -> Response {
+/// The web page: submit a job, follow it live, see the diff and the PR, cancel.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "service",
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = crate::http::openapi::ErrorBody)
+    )
+)]
+pub async fn index() -> Response {
     with_page_headers("text/html; charset=utf-8", INDEX)
 }
 
-async fn asset(Path(name): Path<String>) -> Response {
+/// The page's scripts, style sheet and icon.
+#[utoipa::path(
+    get,
+    path = "/assets/{name}",
+    tag = "service",
+    params(("name" = String, Path, description = "`app.js`, `style.css`, …")),
+    responses(
+        (status = 200, description = "The file", content(
+            (String = "text/javascript"),
+            (String = "text/css"),
+            (String = "image/svg+xml")
+        )),
+        (status = 404, description = "No such file", body = crate::http::openapi::ErrorBody),
+        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = crate::http::openapi::ErrorBody)
+    )
+)]
+pub async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|asset| asset.name == name) {
         Some(asset) => with_page_headers(asset.content_type, asset.body),
         None => ApiError::not_found("no such file").into_response(),
