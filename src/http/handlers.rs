@@ -421,11 +421,8 @@ fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
         (status = 429, description = "Too many jobs: the service's or this key's limit", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody),
         (status = 503, description = "The service is shutting down", body = super::openapi::ErrorBody)
     )
 )]
@@ -459,11 +456,8 @@ pub async fn code(
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
         (status = 429, description = "Too many jobs: the service's or this key's limit", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody),
         (status = 503, description = "The service is shutting down", body = super::openapi::ErrorBody)
     )
 )]
@@ -512,10 +506,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Job>, ApiErro
     responses(
         (status = 200, description = "The job", body = crate::job::state::JobView),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn get_job(
@@ -550,10 +541,7 @@ pub struct EventsQuery {
         (status = 204, description = "The job is over and nothing is left after the resume point"),
         (status = 400, description = "The resume point is not an event id", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_events(
@@ -602,10 +590,7 @@ pub async fn job_events(
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
-        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn create_events_token(
@@ -636,10 +621,7 @@ pub async fn create_events_token(
             headers(("X-Patch-Truncated" = Option<String>, description = "`true` when the patch was cut at 8 MiB"))),
         (status = 409, description = "The agent has not finished yet", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_patch(
@@ -687,10 +669,7 @@ pub async fn job_patch(
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 409, description = "The job has already finished", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 414, description = "The URI is too long", body = super::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = super::openapi::ErrorBody),
-        (status = 431, description = "The headers are too large", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn cancel_job(

@@ -156,7 +156,7 @@ pub struct Health {
         JobState,
         JobView,
     )),
-    modifiers(&Security),
+    modifiers(&Security, &EdgeAnswers),
     tags((name = "jobs", description = "Start, follow, read and cancel jobs"), (name = "service", description = "Health, metrics and this document"))
 )]
 pub struct ApiDoc;
@@ -192,6 +192,53 @@ pub fn document() -> serde_json::Value {
         );
     }
     doc
+}
+
+/// What the HTTP edge (`edge.rs`) answers on every route before any handler runs, documented once
+/// here rather than on each handler.
+struct EdgeAnswers;
+
+impl Modify for EdgeAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answers = [
+            ("414", "The URI is too long"),
+            (
+                "421",
+                "A Host this service does not answer to (no API key configured)",
+            ),
+            ("431", "The headers are too large"),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.put,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                for (status, description) in answers {
+                    let response = ResponseBuilder::new()
+                        .description(description)
+                        .content(
+                            "application/json",
+                            ContentBuilder::new()
+                                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                .build(),
+                        )
+                        .build();
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert(response.into());
+                }
+            }
+        }
+    }
 }
 
 /// This document.

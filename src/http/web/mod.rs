@@ -85,8 +85,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     path = "/",
     tag = "service",
     responses(
-        (status = 200, description = "The page", content_type = "text/html", body = String),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = crate::http::openapi::ErrorBody)
+        (status = 200, description = "The page", content_type = "text/html", body = String)
     )
 )]
 pub async fn index() -> Response {
@@ -105,8 +104,7 @@ pub async fn index() -> Response {
             (String = "text/css"),
             (String = "image/svg+xml")
         )),
-        (status = 404, description = "No such file", body = crate::http::openapi::ErrorBody),
-        (status = 421, description = "A Host this service does not answer to (no API key configured)", body = crate::http::openapi::ErrorBody)
+        (status = 404, description = "No such file", body = crate::http::openapi::ErrorBody)
     )
 )]
 pub async fn asset(Path(name): Path<String>) -> Response {
