@@ -23,13 +23,15 @@ async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
     let mut config = LocalConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
     config.root = workspaces.to_path_buf();
     let backends = dummy_backends(Arc::new(LocalProvider::new(config).await.unwrap()));
-    JobRegistry::new(
-        Arc::new(backends),
+    common::start_registry(
+        backends,
         Limits {
             max_concurrent: 2,
             ..Limits::default()
         },
+        None,
     )
+    .await
 }
 
 async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
@@ -73,7 +75,7 @@ async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
         samples.push(started.elapsed());
         // Let the job finish before the next sample, so samples do not queue behind each other.
         drop(stream);
-        while registry.active() > 0 {
+        while registry.active().await > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -74,6 +74,11 @@ pub struct Config {
     pub sandbox_limits: JobLimits,
     pub sandbox_read_paths: Vec<PathBuf>,
     pub sandbox_ids: HostIds,
+    /// `DATABASE_URL`: the job store; unset means the SQLite file under `data_dir`.
+    pub database_url: Option<String>,
+    /// `DATA_DIR` (else `$XDG_DATA_HOME/tiny-backspace`, else `./data`): where the embedded
+    /// database lives.
+    pub data_dir: PathBuf,
     /// The variables themselves, for the backends that read their own (E2B, providers, GitHub).
     vars: HashMap<String, String>,
 }
@@ -213,6 +218,9 @@ impl Config {
             max_jobs_per_key: optional_number(&vars, "MAX_JOBS_PER_KEY")?,
             key_rate_per_min: optional_number(&vars, "KEY_RATE_PER_MIN")?,
             cleanup_backoff: defaults.cleanup_backoff,
+            lease: Duration::from_secs(
+                number(&vars, "JOB_LEASE_SECS", defaults.lease.as_secs())?.max(1),
+            ),
         };
         let max_change_bytes = number(&vars, "MAX_CHANGE_MB", 64u64)?
             .max(1)
@@ -336,8 +344,38 @@ impl Config {
             sandbox_limits,
             sandbox_read_paths,
             sandbox_ids,
+            database_url: get("DATABASE_URL").map(|v| v.trim().to_owned()),
+            data_dir: crate::store::default_data_dir(
+                get("DATA_DIR").map(|v| v.trim()),
+                get("XDG_DATA_HOME").map(|v| v.trim()),
+            ),
             vars,
         })
+    }
+
+    /// The job store's URL: `DATABASE_URL`, or the SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.data_dir.join("tiny-backspace.db").display()
+            ),
+        }
+    }
+
+    /// Opens the job store (creating the data directory for the default SQLite file), with an
+    /// error that names the setting to fix.
+    pub async fn open_store(&self) -> Result<Arc<dyn crate::store::JobStore>, String> {
+        if self.database_url.is_none() {
+            std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+                format!(
+                    "DATA_DIR: cannot create {} for the database ({e}); set DATA_DIR or DATABASE_URL",
+                    self.data_dir.display()
+                )
+            })?;
+        }
+        crate::store::open(&self.database_url()).await
     }
 
     /// Refuses to serve beyond loopback with no API key unless `ALLOW_OPEN_SERVER=true`: anyone who

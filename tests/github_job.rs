@@ -190,6 +190,7 @@ async fn a_dummy_job_opens_a_pull_request_through_the_fake() {
     let job = h
         .registry
         .submit(request(r#"replace "great" with "excellent" in README.md"#))
+        .await
         .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
@@ -245,7 +246,11 @@ async fn a_job_publishes_deletions_binaries_modes_and_symlinks() {
         ],
     );
     let h = harness(&fake, Some(vec![agent])).await;
-    let job = h.registry.submit(request("rework the widgets")).unwrap();
+    let job = h
+        .registry
+        .submit(request("rework the widgets"))
+        .await
+        .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");

@@ -40,6 +40,23 @@ pub fn dummy_backends(sandbox: Arc<dyn SandboxProvider>) -> Backends {
     }
 }
 
+/// A registry over `store` (an in-memory SQLite database when `None`).
+pub async fn start_registry(
+    backends: Backends,
+    limits: tiny_backspace::job::Limits,
+    store: Option<Arc<dyn tiny_backspace::store::JobStore>>,
+) -> Arc<JobRegistry> {
+    let store = match store {
+        Some(store) => store,
+        None => tiny_backspace::store::open("sqlite::memory:")
+            .await
+            .unwrap(),
+    };
+    JobRegistry::start(Arc::new(backends), limits, store)
+        .await
+        .unwrap()
+}
+
 /// Runs one dummy job on `repo` to its `Done`, asserting it succeeded; returns its duration.
 pub async fn run_dummy_job(registry: &Arc<JobRegistry>, repo: &Path) -> Duration {
     let started = Instant::now();
@@ -53,6 +70,7 @@ pub async fn run_dummy_job(registry: &Arc<JobRegistry>, repo: &Path) -> Duration
             draft: false,
             branch: None,
         })
+        .await
         .unwrap();
     let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
     let json = serde_json::to_value(&last.event).unwrap();
