@@ -288,8 +288,9 @@ pub struct JobRegistry {
 }
 
 impl JobRegistry {
-    /// Joins the store as a new instance: announces its capacity, ends the jobs a dead process
-    /// left running (see [`JobRegistry::reap`]), then starts claiming queued jobs.
+    /// Joins the store as a new instance: announces its capacity, starts the heartbeat (whose
+    /// first round ends the jobs a dead process left running, see [`JobRegistry::reap`]) and
+    /// starts claiming queued jobs.
     pub async fn start(
         backends: Arc<Backends>,
         limits: Limits,
@@ -319,7 +320,7 @@ impl JobRegistry {
                 &[],
             )
             .await?;
-        registry.reap().await;
+        // The heartbeat's first round, at once, ends the jobs a dead process left running.
         let weak = Arc::downgrade(&registry);
         tokio::spawn(dispatch(
             weak.clone(),

@@ -8,3 +8,4 @@ pub mod fake_github;
 pub mod fake_openai;
 pub mod harness;
 pub mod python;
+pub mod stores;
