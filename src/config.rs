@@ -198,7 +198,8 @@ impl Config {
         };
         let defaults = Limits::default();
         let limits = Limits {
-            max_concurrent: number(&vars, "MAX_CONCURRENT_JOBS", 4usize)?.max(1),
+            max_concurrent: optional_number(&vars, "MAX_CONCURRENT_JOBS")?
+                .unwrap_or(defaults.max_concurrent),
             max_queued: number(&vars, "MAX_QUEUED_JOBS", 16usize)?,
             retention: Duration::from_secs(
                 number(
@@ -307,7 +308,8 @@ impl Config {
                 hosts
             }
         };
-        Ok(Self {
+        let concurrency_set = optional_number(&vars, "MAX_CONCURRENT_JOBS")?.is_some();
+        let mut config = Self {
             host,
             port,
             api_keys,
@@ -350,7 +352,15 @@ impl Config {
                 get("XDG_DATA_HOME").map(|v| v.trim()),
             ),
             vars,
-        })
+        };
+        if !concurrency_set {
+            config.limits.max_concurrent = default_concurrency(
+                config.sandbox_name(),
+                config.sandbox_limits.max_memory_bytes,
+                &Host::this(),
+            );
+        }
+        Ok(config)
     }
 
     /// The job store's URL: `DATABASE_URL`, or the SQLite file in the data directory.
@@ -485,6 +495,49 @@ impl Config {
     }
 }
 
+/// What this machine offers jobs: its cores and its memory (the container's limit when lower).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    pub cores: usize,
+    pub memory_bytes: u64,
+}
+
+impl Host {
+    pub fn this() -> Host {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(u64::MAX, |kb| kb.saturating_mul(1024));
+        let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        Host {
+            cores,
+            memory_bytes: total.min(limit),
+        }
+    }
+}
+
+/// Jobs that run at once on one instance when `MAX_CONCURRENT_JOBS` is unset. A job on E2B with
+/// a hosted model spends nearly all its time waiting on the network, so the instance runs tens;
+/// a local job runs its commands here, so twice the cores (jobs also wait on the model), and no
+/// more than memory holds at the per-job limit.
+pub fn default_concurrency(sandbox: &str, job_memory_bytes: u64, host: &Host) -> usize {
+    match sandbox {
+        "e2b" => 32,
+        _ => {
+            let by_memory = host.memory_bytes / job_memory_bytes.max(1);
+            (host.cores * 2).min(by_memory as usize).max(1)
+        }
+    }
+}
+
 fn build_e2b(
     lookup: &dyn Fn(&str) -> Option<String>,
     max_read_bytes: u64,
@@ -548,6 +601,39 @@ mod tests {
         assert_eq!(c.agents, vec!["anthropic", "openai", "dummy"]);
         assert_eq!(c.job_timeout, Duration::from_secs(1800));
         assert!(c.repo_policy(false).allowed_hosts == vec!["github.com"]);
+    }
+
+    #[test]
+    fn concurrency_follows_the_backend_unless_set_and_the_database_defaults_to_the_data_dir() {
+        let gib = 1024 * 1024 * 1024;
+        let host = |cores, memory_gib| Host {
+            cores,
+            memory_bytes: memory_gib * gib,
+        };
+        assert_eq!(default_concurrency("e2b", 4 * gib, &host(2, 4)), 32);
+        assert_eq!(default_concurrency("local", 4 * gib, &host(2, 24)), 4);
+        assert_eq!(default_concurrency("local", 4 * gib, &host(16, 24)), 6);
+        assert_eq!(default_concurrency("local", 4 * gib, &host(8, 2)), 1);
+        let e2b = Config::from_vars(vars(&[("E2B_API_KEY", "k")])).unwrap();
+        assert_eq!(e2b.limits.max_concurrent, 32);
+        let set = Config::from_vars(vars(&[("E2B_API_KEY", "k"), ("MAX_CONCURRENT_JOBS", "3")]));
+        assert_eq!(set.unwrap().limits.max_concurrent, 3);
+        assert!(Config::from_vars(vars(&[("MAX_CONCURRENT_JOBS", "many")])).is_err());
+
+        let c = Config::from_vars(vars(&[("XDG_DATA_HOME", "/var/lib/x")])).unwrap();
+        assert_eq!(
+            c.database_url(),
+            "sqlite:///var/lib/x/tiny-backspace/tiny-backspace.db"
+        );
+        let c = Config::from_vars(vars(&[("XDG_DATA_HOME", "/x"), ("DATA_DIR", "/srv/tb")]));
+        assert_eq!(
+            c.unwrap().database_url(),
+            "sqlite:///srv/tb/tiny-backspace.db"
+        );
+        let c = Config::from_vars(HashMap::new()).unwrap();
+        assert_eq!(c.database_url(), "sqlite://data/tiny-backspace.db");
+        let c = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/jobs")])).unwrap();
+        assert_eq!(c.database_url(), "postgres://db/jobs");
     }
 
     #[test]

@@ -86,6 +86,11 @@ struct Shared {
     changed: watch::Sender<u64>,
     wake: Arc<Notify>,
     on_failure: OnceLock<FailureHook>,
+    /// For a view of a job this process has since claimed: the log it writes, read from memory
+    /// instead of the store.
+    writer: OnceLock<EventLog>,
+    /// Views reading through this log: woken with its own followers.
+    mirrors: Mutex<Vec<Weak<Shared>>>,
 }
 
 /// Shared handle to one job's log. Cloning is cheap.
@@ -127,6 +132,8 @@ impl EventLog {
                 changed,
                 wake: Arc::new(Notify::new()),
                 on_failure: OnceLock::new(),
+                writer: OnceLock::new(),
+                mirrors: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -172,6 +179,23 @@ impl EventLog {
     /// Asks to be told (once) when the store has been failing for a while.
     pub fn on_store_failure(&self, hook: impl Fn(&StoreError) + Send + Sync + 'static) {
         let _ = self.shared.on_failure.set(Box::new(hook));
+    }
+
+    /// Lets this view read `writer`'s memory: this process has claimed the job and writes its
+    /// log now. The view is still woken by the store's notices.
+    pub fn read_through(&self, writer: &EventLog) {
+        if self.is_view()
+            && !Arc::ptr_eq(&self.shared, &writer.shared)
+            && self.shared.writer.set(writer.clone()).is_ok()
+        {
+            let mut mirrors = writer
+                .shared
+                .mirrors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            mirrors.retain(|m| m.strong_count() > 0);
+            mirrors.push(Arc::downgrade(&self.shared));
+        }
     }
 
     /// Wakes followers of a view: the store says the log has events up to `seq`.
@@ -339,6 +363,15 @@ impl EventLog {
         self.shared
             .changed
             .send_modify(|known| *known = (*known).max(seq));
+        let mirrors = self
+            .shared
+            .mirrors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for mirror in mirrors.iter().filter_map(Weak::upgrade) {
+            EventLog { shared: mirror }.notify_stored(seq);
+        }
     }
 
     /// Another instance holds the job now: stop writing, read the store.
@@ -368,6 +401,13 @@ impl EventLog {
     /// Reads the events after `seq`: from memory when this process writes the log and holds
     /// them, from the store otherwise.
     async fn read_after(&self, seq: u64) -> Result<Vec<Sequenced>, StoreError> {
+        if let Some(writer) = self.shared.writer.get() {
+            let inner = writer.lock();
+            if inner.writes && seq >= inner.base {
+                drop(inner);
+                return Ok(writer.replay_after(seq));
+            }
+        }
         {
             let inner = self.lock();
             if inner.writes && seq >= inner.base {

@@ -671,6 +671,17 @@ impl JobRegistry {
             job.cancel();
         }
         self.running_jobs().insert(job.id.clone(), job.clone());
+        // Followers that started while the job was queued read its events from memory now.
+        if let Some(views) = self
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job.id)
+        {
+            for view in views {
+                view.read_through(job.log());
+            }
+        }
         let supervisor = {
             let job = job.clone();
             let backends = self.backends.clone();
@@ -1010,7 +1021,7 @@ async fn keep_alive(registry: Weak<JobRegistry>, stopped: CancellationToken) {
                     }
                 }
                 for id in heartbeat.lost {
-                    if let Some(job) = current.running(&id) {
+                    if let Some(job) = current.running(&id).filter(|job| !job.is_finished()) {
                         tracing::warn!(job_id = %id, "this instance no longer holds the job; stopping it");
                         job.stop(JobError::new(
                             ErrorCode::InstanceLost,

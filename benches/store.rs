@@ -1,0 +1,231 @@
+//! What durability costs (run with `cargo bench --bench store`; PostgreSQL figures need
+//! `TEST_DATABASE_URL`, e.g. `eval "$(scripts/postgres start)"`):
+//! - events appended per second, in bursts (one transaction per batch) and one by one (each
+//!   append waits for its own commit, the worst case);
+//! - time to the first event of `POST /code`, over a real socket;
+//! - the wall time of 200 dummy jobs, 4 at a time;
+//!
+//! each for an in-memory SQLite database (nothing reaches a disk: the baseline), a SQLite file
+//! (WAL) and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{PROMPT, dummy_backends, make_repo, start_registry, stats};
+use tiny_backspace::event::{EventKind, Step, StepState};
+use tiny_backspace::http::{AppState, router};
+use tiny_backspace::job::state::Summary;
+use tiny_backspace::job::{EventLog, JobRegistry, Limits};
+use tiny_backspace::repo::RepoPolicy;
+use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
+use tiny_backspace::store::{Admission, JobStore, NewJob};
+
+const EVENTS: u64 = 20_000;
+const ONE_BY_ONE: u64 = 2_000;
+const FIRST_EVENT_RUNS: usize = 200;
+const JOBS: usize = 200;
+
+fn status(i: u64) -> EventKind {
+    EventKind::Status {
+        step: Step::Agent,
+        state: StepState::Started,
+        message: format!("event {i} with a message of a typical length for a tool event"),
+        elapsed_ms: None,
+    }
+}
+
+async fn claimed_job(store: &Arc<dyn JobStore>) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    let job = NewJob {
+        id: id.clone(),
+        owner: None,
+        repo_url: "https://github.com/octo/hello".into(),
+        prompt: "bench".into(),
+        request: "{}".into(),
+        created_at: tiny_backspace::now_ms(),
+        idempotency: None,
+    };
+    let admission = Admission {
+        max_queued: 1_000_000,
+        max_jobs_per_key: None,
+        key_rate_per_min: None,
+    };
+    store
+        .create_job(job, &admission, Box::new(|_| Vec::new()))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .claim_queued(&id, "bench", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    id
+}
+
+/// Events per second: `EVENTS` appended as fast as the pipeline can, then `ONE_BY_ONE` each
+/// waiting for its commit.
+async fn append_rate(store: &Arc<dyn JobStore>) -> (f64, f64) {
+    let id = claimed_job(store).await;
+    let log = EventLog::view(&id, store.clone()).start_writing("bench", 0, Summary::default(), 0);
+    let started = Instant::now();
+    for i in 0..EVENTS {
+        log.append(status(i));
+    }
+    log.flushed().await;
+    let burst = EVENTS as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for i in 0..ONE_BY_ONE {
+        log.append(status(i));
+        log.flushed().await;
+    }
+    let single = ONE_BY_ONE as f64 / started.elapsed().as_secs_f64();
+    (burst, single)
+}
+
+async fn registry(
+    store: Arc<dyn JobStore>,
+    workspaces: &Path,
+    max_concurrent: usize,
+) -> Arc<JobRegistry> {
+    let mut config = LocalConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
+    config.root = workspaces.to_path_buf();
+    let backends = dummy_backends(Arc::new(LocalProvider::new(config).await.unwrap()));
+    start_registry(
+        backends,
+        Limits {
+            max_concurrent,
+            max_queued: JOBS,
+            ..Limits::default()
+        },
+        Some(store),
+    )
+    .await
+}
+
+async fn time_to_first_event(registry: Arc<JobRegistry>, repo: &Path) -> Vec<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        repo_policy: RepoPolicy {
+            allow_local: true,
+            ..RepoPolicy::default()
+        },
+        api_keys: vec![],
+        admin_api_keys: vec![],
+        allowed_hosts: vec![],
+        cors_origins: vec![],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let body =
+        serde_json::json!({"repoUrl": repo.display().to_string(), "prompt": PROMPT}).to_string();
+    let request = format!(
+        "POST /code HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut samples = Vec::new();
+    for _ in 0..FIRST_EVENT_RUNS {
+        let started = Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("data: {\"type\":\"Job Started\"") {
+                break;
+            }
+        }
+        samples.push(started.elapsed());
+        drop(stream);
+        // The job runs on; the next sample starts once it is over, so none queues.
+        while registry.active().await > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    samples
+}
+
+async fn many_jobs(registry: &Arc<JobRegistry>, repo: &Path) -> Duration {
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for _ in 0..JOBS {
+        let registry = registry.clone();
+        let repo = repo.to_path_buf();
+        runs.push(tokio::spawn(async move {
+            common::run_dummy_job(&registry, &repo).await
+        }));
+        // Submitted at a steady pace, as clients would; the queue holds the rest.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn percentile(mut samples: Vec<Duration>, p: f64) -> f64 {
+    samples.sort();
+    let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+    samples[i].as_secs_f64() * 1000.0
+}
+
+async fn measure(name: &str, url: &str, repo: &Path) {
+    let store = tiny_backspace::store::open(url).await.unwrap();
+    let (burst, single) = append_rate(&store).await;
+    println!(
+        "{name:<8} events appended: {burst:>9.0}/s in bursts, {single:>7.0}/s one commit each"
+    );
+    let workspaces = tempfile::tempdir().unwrap();
+    let first =
+        time_to_first_event(registry(store.clone(), workspaces.path(), 4).await, repo).await;
+    println!(
+        "{name:<8} POST /code → Job Started: {}   p99 {:.2} ms",
+        stats(first.clone()),
+        percentile(first, 0.99)
+    );
+    let workspaces = tempfile::tempdir().unwrap();
+    let registry = registry(store, workspaces.path(), 4).await;
+    let wall = many_jobs(&registry, repo).await;
+    println!(
+        "{name:<8} {JOBS} dummy jobs, 4 at a time: {:.1} s ({:.0} ms a job)",
+        wall.as_secs_f64(),
+        wall.as_secs_f64() * 1000.0 / JOBS as f64
+    );
+    registry.shutdown(Duration::from_secs(30)).await;
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    make_repo(repo.path(), 10);
+    let repo_path = repo.path().canonicalize().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
+    runtime.block_on(async {
+        measure("memory", "sqlite::memory:", &repo_path).await;
+        measure("sqlite", &sqlite, &repo_path).await;
+        match std::env::var("TEST_DATABASE_URL") {
+            Ok(admin) => {
+                let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
+                let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                let mut url = url::Url::parse(&admin).unwrap();
+                url.set_path(&format!("/{name}"));
+                measure("postgres", url.as_str(), &repo_path).await;
+            }
+            Err(_) => println!("postgres: not measured (set TEST_DATABASE_URL)"),
+        }
+    });
+}
