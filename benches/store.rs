@@ -26,7 +26,7 @@ use tiny_backspace::store::{Admission, JobStore, NewJob};
 
 const EVENTS: u64 = 20_000;
 const ONE_BY_ONE: u64 = 2_000;
-const FIRST_EVENT_RUNS: usize = 200;
+const FIRST_EVENT_RUNS: usize = 100;
 const JOBS: usize = 200;
 
 fn status(i: u64) -> EventKind {
@@ -184,16 +184,16 @@ async fn measure(name: &str, url: &str, repo: &Path) {
     println!(
         "{name:<8} events appended: {burst:>9.0}/s in bursts, {single:>7.0}/s one commit each"
     );
+    // One registry per store: a second instance on the same SQLite database would take the
+    // first one's jobs for orphans (a file database is locked against that).
     let workspaces = tempfile::tempdir().unwrap();
-    let first =
-        time_to_first_event(registry(store.clone(), workspaces.path(), 4).await, repo).await;
+    let registry = registry(store, workspaces.path(), 4).await;
+    let first = time_to_first_event(registry.clone(), repo).await;
     println!(
         "{name:<8} POST /code → Job Started: {}   p99 {:.2} ms",
         stats(first.clone()),
         percentile(first, 0.99)
     );
-    let workspaces = tempfile::tempdir().unwrap();
-    let registry = registry(store, workspaces.path(), 4).await;
     let wall = many_jobs(&registry, repo).await;
     println!(
         "{name:<8} {JOBS} dummy jobs, 4 at a time: {:.1} s ({:.0} ms a job)",

@@ -222,6 +222,7 @@ impl Config {
             lease: Duration::from_secs(
                 number(&vars, "JOB_LEASE_SECS", defaults.lease.as_secs())?.max(1),
             ),
+            store_grace: defaults.store_grace,
         };
         let max_change_bytes = number(&vars, "MAX_CHANGE_MB", 64u64)?
             .max(1)

@@ -18,6 +18,7 @@ use support::harness::{Harness, HarnessOptions, Scripted, Step, git, repo_with};
 use support::stores::{Backend, Server, TestDb, client, eventually, post_job, read_events};
 use tiny_backspace::http::{AppState, router};
 use tiny_backspace::repo::RepoPolicy;
+use tiny_backspace::store::{self, StoreError};
 use tower::ServiceExt;
 
 /// Runs a test body once per backend.
@@ -44,6 +45,7 @@ on_both_backends!(
     a_job_left_running_by_a_killed_process_ends_with_instance_lost,
     the_same_idempotency_key_returns_the_same_job,
     get_jobs_pages_newest_first_and_shows_each_key_its_own,
+    a_job_whose_database_goes_away_ends_once_it_is_back,
 );
 
 const MAX: usize = usize::MAX;
@@ -604,4 +606,248 @@ async fn healthz_fails_when_the_database_is_unreachable() {
     );
     assert!(body["store_error"].as_str().is_some(), "{body}");
     drop(harness);
+}
+
+/// A store whose writes fail while `failing` is set (the database went away), recording whether a
+/// refused batch held the job's `Done`.
+struct Flaky {
+    inner: Arc<dyn tiny_backspace::store::JobStore>,
+    failing: std::sync::atomic::AtomicBool,
+    refused_done: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tiny_backspace::store::JobStore for Flaky {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.inner.health().await
+    }
+    async fn heartbeat(
+        &self,
+        instance: &str,
+        max_concurrent: usize,
+        lease: Duration,
+        running: &[String],
+    ) -> Result<store::Heartbeat, StoreError> {
+        self.inner
+            .heartbeat(instance, max_concurrent, lease, running)
+            .await
+    }
+    async fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        self.inner.leave(instance).await
+    }
+    async fn create_job(
+        &self,
+        job: store::NewJob,
+        admission: &store::Admission,
+        first: store::FirstEvents,
+    ) -> Result<Result<store::Created, store::Refusal>, StoreError> {
+        self.inner.create_job(job, admission, first).await
+    }
+    async fn append(
+        &self,
+        id: &str,
+        instance: &str,
+        batch: &store::Batch,
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.failing.load(Ordering::SeqCst) {
+            if batch
+                .events
+                .iter()
+                .any(|e| e.json.contains(r#""type":"Done""#))
+            {
+                self.refused_done.store(true, Ordering::SeqCst);
+            }
+            return Err(StoreError::Unavailable(
+                "injected: the database is gone".into(),
+            ));
+        }
+        self.inner.append(id, instance, batch).await
+    }
+    async fn job(&self, id: &str) -> Result<Option<store::JobRecord>, StoreError> {
+        self.inner.job(id).await
+    }
+    async fn unfinished(&self) -> Result<usize, StoreError> {
+        self.inner.unfinished().await
+    }
+    async fn list_jobs(&self, q: &store::ListQuery) -> Result<Vec<store::JobRecord>, StoreError> {
+        self.inner.list_jobs(q).await
+    }
+    async fn events_after(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<store::StoredEvent>, StoreError> {
+        self.inner.events_after(id, after, limit).await
+    }
+    async fn patch(&self, id: &str) -> Result<Option<(bytes::Bytes, bool)>, StoreError> {
+        self.inner.patch(id).await
+    }
+    async fn transcript(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.inner.transcript(id).await
+    }
+    async fn resources(&self, id: &str) -> Result<Vec<store::Resource>, StoreError> {
+        self.inner.resources(id).await
+    }
+    async fn claim_next(
+        &self,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<Option<store::JobRecord>, StoreError> {
+        self.inner.claim_next(instance, lease).await
+    }
+    async fn claim_queued(
+        &self,
+        id: &str,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<Option<store::JobRecord>, StoreError> {
+        self.inner.claim_queued(id, instance, lease).await
+    }
+    async fn request_cancel(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.request_cancel(id).await
+    }
+    async fn orphans(&self, instance: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.orphans(instance).await
+    }
+    async fn take_over(
+        &self,
+        id: &str,
+        instance: &str,
+        lease: Duration,
+    ) -> Result<Option<store::JobRecord>, StoreError> {
+        self.inner.take_over(id, instance, lease).await
+    }
+    async fn prune(&self, retention: &store::Retention) -> Result<usize, StoreError> {
+        self.inner.prune(retention).await
+    }
+    fn notices(&self) -> tokio::sync::broadcast::Receiver<store::Notice> {
+        self.inner.notices()
+    }
+}
+
+/// A model that answers its first call once told to (with a command), then never again.
+struct Gated {
+    go: tokio::sync::Notify,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl tiny_backspace::agent::Provider for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    fn model(&self) -> &str {
+        "gated"
+    }
+    async fn complete(
+        &self,
+        _: &tiny_backspace::agent::Transcript,
+        _: &[tiny_backspace::agent::ToolSpec],
+        _: &dyn tiny_backspace::agent::TextSink,
+    ) -> Result<tiny_backspace::agent::Turn, tiny_backspace::agent::ProviderError> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            std::future::pending::<()>().await;
+        }
+        self.go.notified().await;
+        Ok(tiny_backspace::agent::Turn {
+            content: vec![support::harness::call(
+                "c1",
+                "run_command",
+                json!({"command": "true"}),
+            )],
+            stop: tiny_backspace::agent::StopReason::ToolUse,
+            usage: tiny_backspace::agent::TokenUsage {
+                input_tokens: 1,
+                output_tokens: 1,
+            },
+        })
+    }
+}
+
+/// The database goes away mid-job: nothing is shown that was not stored, the job is stopped, and
+/// once the database is back its `Error` and one `Done` are stored and shown.
+async fn a_job_whose_database_goes_away_ends_once_it_is_back(backend: Backend) {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::new(backend).await;
+    let flaky = Arc::new(Flaky {
+        inner: db.open().await,
+        failing: false.into(),
+        refused_done: false.into(),
+    });
+    let model = Arc::new(Gated {
+        go: tokio::sync::Notify::new(),
+        calls: 0.into(),
+    });
+    let harness = Harness::new(HarnessOptions {
+        agents: vec![model.clone()],
+        store: Some(flaky.clone()),
+        limits: tiny_backspace::job::Limits {
+            store_grace: Duration::from_secs(2),
+            ..tiny_backspace::job::Limits::default()
+        },
+        ..HarnessOptions::default()
+    })
+    .await;
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let job = harness.submit(repo.path(), "x").await;
+    let mut follow = Box::pin(job.log().follow(0));
+    let mut seen = Vec::new();
+    while let Some(item) = futures::StreamExt::next(&mut follow).await {
+        let agent = matches!(
+            &item.event.kind,
+            tiny_backspace::event::EventKind::Status {
+                step: tiny_backspace::event::Step::Agent,
+                ..
+            }
+        );
+        seen.push(item);
+        if agent {
+            break;
+        }
+    }
+    flaky.failing.store(true, Ordering::SeqCst);
+    model.go.notify_one();
+    eventually(
+        "the job ends while its database is gone",
+        Duration::from_secs(60),
+        || {
+            let refused = flaky.refused_done.load(Ordering::SeqCst);
+            async move { refused }
+        },
+    )
+    .await;
+    // Nothing reached a follower meanwhile.
+    let pending = tokio::time::timeout(
+        Duration::from_millis(200),
+        futures::StreamExt::next(&mut follow),
+    )
+    .await;
+    assert!(pending.is_err(), "an event was shown before it was stored");
+    flaky.failing.store(false, Ordering::SeqCst);
+    while let Some(item) = futures::StreamExt::next(&mut follow).await {
+        seen.push(item);
+    }
+    let seqs: Vec<u64> = seen.iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, (1..=seen.len() as u64).collect::<Vec<_>>());
+    let done = serde_json::to_value(&seen.last().unwrap().event).unwrap();
+    assert_eq!(
+        (&done["type"], &done["status"], &done["error"]["code"]),
+        (
+            &json!("Done"),
+            &json!("failed"),
+            &json!("store_unavailable")
+        )
+    );
+    assert_eq!(seen.iter().filter(|s| s.event.kind.is_done()).count(), 1);
+    let record = harness.registry.job(job.id()).await.unwrap().unwrap();
+    assert_eq!(record.last_seq, seen.len() as u64);
+    assert_eq!(harness.live_workspaces(), 0);
 }

@@ -12,13 +12,14 @@
 //!   store: the registry wakes the view when the store says the job's log grew, and a view also
 //!   looks on its own every second, so a lost notification only delays an event.
 //! - If the store keeps failing, the writer keeps trying (nothing is lost or shown early) and
-//!   tells the job once, so it can stop and end with one `Done` that is stored when the database
+//!   after a grace (a minute by default) tells the job once, so it can stop and end with one `Done` that is stored when the database
 //!   is back. If another instance has taken the job over (this one's lease had expired), writes
 //!   are refused; the log becomes a view of what that instance wrote.
 //!
 //! The log also keeps the job's state folded as events arrive ([`Summary`]), so the store gets
 //! `GET /jobs/{id}`'s fields in the same transaction as the events that changed them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -42,8 +43,8 @@ pub struct Sequenced {
 const PAGE: usize = 1000;
 /// How often a view reads the store without being told to.
 const VIEW_POLL: Duration = Duration::from_secs(1);
-/// How long the store may fail before the job is told.
-const FAILING_FOR: Duration = Duration::from_secs(10);
+/// How long the store may fail before the job is told, unless set otherwise.
+const FAILING_FOR: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a follower keeps retrying a failing store read before its stream ends (the client
 /// reconnects with `Last-Event-ID`).
@@ -91,6 +92,16 @@ struct Shared {
     writer: OnceLock<EventLog>,
     /// Views reading through this log: woken with its own followers.
     mirrors: Mutex<Vec<Weak<Shared>>>,
+    /// How long the store may fail before the job is told, in milliseconds.
+    failure_grace: AtomicU64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The writer task waits for work holding only a weak reference: let it see that the log
+        // is gone and end.
+        self.wake.notify_one();
+    }
 }
 
 /// Shared handle to one job's log. Cloning is cheap.
@@ -134,6 +145,7 @@ impl EventLog {
                 on_failure: OnceLock::new(),
                 writer: OnceLock::new(),
                 mirrors: Mutex::new(Vec::new()),
+                failure_grace: AtomicU64::new(FAILING_FOR.as_millis() as u64),
             }),
         }
     }
@@ -174,6 +186,13 @@ impl EventLog {
 
     pub fn job_id(&self) -> &str {
         &self.shared.job_id
+    }
+
+    /// How long the store may keep failing before the job is told.
+    pub fn set_failure_grace(&self, grace: Duration) {
+        self.shared
+            .failure_grace
+            .store(grace.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Asks to be told (once) when the store has been failing for a while.
@@ -539,7 +558,7 @@ impl EventLog {
 }
 
 /// Stores what the log's appends leave pending, one transaction per batch, until the log is
-/// closed and stored, or dropped.
+/// dropped (a closed log may still get writes: a resource released after `Done`).
 async fn write_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
     let mut told = false;
     loop {
@@ -552,10 +571,7 @@ async fn write_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
             let Some((store, instance)) = log.shared.store.clone() else {
                 return;
             };
-            let Some((batch, last)) = log.take_batch() else {
-                if log.is_closed() && !log.lock().in_flight {
-                    return;
-                }
+            let Some((mut batch, mut last)) = log.take_batch() else {
                 break;
             };
             let mut backoff = Duration::from_millis(50);
@@ -580,7 +596,9 @@ async fn write_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
                     }
                     Err(err) => {
                         tracing::warn!(job_id = %log.shared.job_id, error = %err, "storing the job's events failed; retrying");
-                        if !told && started.elapsed() >= FAILING_FOR {
+                        let grace =
+                            Duration::from_millis(log.shared.failure_grace.load(Ordering::Relaxed));
+                        if !told && started.elapsed() >= grace {
                             told = true;
                             if let Some(hook) = log.shared.on_failure.get() {
                                 hook(&err);
@@ -588,6 +606,11 @@ async fn write_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
+                        // What was appended meanwhile goes into the same transaction.
+                        if let Some((more, more_last)) = log.take_batch() {
+                            batch.absorb(more);
+                            last = more_last;
+                        }
                     }
                 }
             }
@@ -761,6 +784,28 @@ mod tests {
             store.patch("j1").await.unwrap(),
             Some((Bytes::from_static(b"diff"), false))
         );
+    }
+
+    /// Writes after `Done` (a sandbox released by the reaper) are still stored.
+    #[tokio::test]
+    async fn writes_after_done_are_still_stored() {
+        let store = memory_store().await;
+        stored_job(&store, "j3").await;
+        let log = EventLog::view("j3", store.clone()).start_writing("me", 0, Summary::default(), 0);
+        log.append(done());
+        log.flushed().await;
+        log.record_resource(Resource {
+            kind: "sandbox".into(),
+            backend: "e2b".into(),
+            external_id: "sbx-1".into(),
+            released: true,
+        });
+        tokio::time::timeout(Duration::from_secs(10), log.flushed())
+            .await
+            .expect("stored");
+        let resources = store.resources("j3").await.unwrap();
+        assert_eq!(resources.len(), 1);
+        assert!(resources[0].released);
     }
 
     /// A writer whose job was taken over by another instance stops writing and reads the store.

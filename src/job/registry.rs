@@ -60,6 +60,9 @@ pub struct Limits {
     /// How long a claim on a job lasts without a heartbeat (`JOB_LEASE_SECS`): after it, another
     /// instance ends the job with `instance_lost`.
     pub lease: Duration,
+    /// How long the store may keep failing to store a running job's events before the job is
+    /// stopped (`store_unavailable`); its `Done` is stored once the database is back.
+    pub store_grace: Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +77,7 @@ impl Default for Limits {
             key_rate_per_min: None,
             cleanup_backoff: Duration::from_secs(2),
             lease: Duration::from_secs(30),
+            store_grace: Duration::from_secs(60),
         }
     }
 }
@@ -288,9 +292,9 @@ pub struct JobRegistry {
 }
 
 impl JobRegistry {
-    /// Joins the store as a new instance: announces its capacity, starts the heartbeat (whose
-    /// first round ends the jobs a dead process left running, see [`JobRegistry::reap`]) and
-    /// starts claiming queued jobs.
+    /// Joins the store as a new instance: announces its capacity, starts the heartbeat and the
+    /// reaper (whose first round ends the jobs a dead process left running, see
+    /// [`JobRegistry::reap`]) and starts claiming queued jobs.
     pub async fn start(
         backends: Arc<Backends>,
         limits: Limits,
@@ -320,7 +324,7 @@ impl JobRegistry {
                 &[],
             )
             .await?;
-        // The heartbeat's first round, at once, ends the jobs a dead process left running.
+        // The reaper's first round, at once, ends the jobs a dead process left running.
         let weak = Arc::downgrade(&registry);
         tokio::spawn(dispatch(
             weak.clone(),
@@ -328,6 +332,7 @@ impl JobRegistry {
             registry.shutdown.clone(),
         ));
         tokio::spawn(keep_alive(weak.clone(), registry.stopped.clone()));
+        tokio::spawn(reap_periodically(weak.clone(), registry.stopped.clone()));
         tokio::spawn(relay_notices(
             weak.clone(),
             registry.store.notices(),
@@ -608,6 +613,7 @@ impl JobRegistry {
             Summary::from_record(record),
             record.bytes,
         );
+        log.set_failure_grace(self.limits.store_grace);
         let emitter = Emitter::new(log.clone(), self.backends.redactor.clone(), &record.id);
         (log, emitter)
     }
@@ -995,8 +1001,24 @@ async fn dispatch(registry: Weak<JobRegistry>, wake: Arc<Notify>, shutdown: Canc
     }
 }
 
-/// The heartbeat: renews this instance's claims, notices cancel requests and jobs it lost, and
-/// reaps the jobs of instances that are gone.
+/// The reaper: ends the jobs of instances that are gone, at start and then as often as the
+/// heartbeat beats (apart from it, so a slow sandbox kill never delays a heartbeat).
+async fn reap_periodically(registry: Weak<JobRegistry>, stopped: CancellationToken) {
+    loop {
+        let Some(current) = registry.upgrade() else {
+            return;
+        };
+        let every = (current.limits.lease / 3).max(Duration::from_millis(100));
+        current.reap().await;
+        drop(current);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped.cancelled() => return,
+        }
+    }
+}
+
+/// The heartbeat: renews this instance's claims and notices cancel requests and jobs it lost.
 async fn keep_alive(registry: Weak<JobRegistry>, stopped: CancellationToken) {
     loop {
         let Some(current) = registry.upgrade() else {
@@ -1032,7 +1054,6 @@ async fn keep_alive(registry: Weak<JobRegistry>, stopped: CancellationToken) {
             }
             Err(err) => tracing::warn!(error = %err, "the heartbeat to the job store failed"),
         }
-        current.reap().await;
         drop(current);
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -183,6 +183,26 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Adds the writes of a later batch: its events follow, its state and files replace.
+    pub fn absorb(&mut self, later: Batch) {
+        self.events.extend(later.events);
+        if later.result.is_some() {
+            self.result = later.result;
+        }
+        if later.patch.is_some() {
+            self.patch = later.patch;
+        }
+        if later.transcript.is_some() {
+            self.transcript = later.transcript;
+        }
+        for resource in later.resources {
+            self.resources
+                .retain(|r| (&r.kind, &r.external_id) != (&resource.kind, &resource.external_id));
+            self.resources.push(resource);
+        }
+        self.bytes += later.bytes;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
             && self.result.is_none()
