@@ -84,6 +84,18 @@ async fn append_rate(store: &Arc<dyn JobStore>) -> (f64, f64) {
         log.flushed().await;
     }
     let single = ONE_BY_ONE as f64 / started.elapsed().as_secs_f64();
+    // Ended, so that the jobs measured next do not count it as running.
+    log.append(EventKind::Done {
+        status: tiny_backspace::event::DoneStatus::Cancelled,
+        pr_url: None,
+        branch: None,
+        summary: String::new(),
+        files_changed: 0,
+        duration_ms: 0,
+        usage: vec![],
+        error: None,
+    });
+    log.flushed().await;
     (burst, single)
 }
 
