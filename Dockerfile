@@ -18,14 +18,16 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git ca-certificates python3 make \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 tiny
+    && useradd --create-home --uid 10001 tiny \
+    && mkdir /data && chown tiny: /data
 COPY --from=build /src/target/release/tiny-backspace /usr/local/bin/tiny-backspace
 USER tiny
 WORKDIR /home/tiny
 ENV HOST=0.0.0.0 \
     PORT=8000 \
     LOG_FORMAT=json \
-    WORKSPACE_DIR=/home/tiny/workspaces
+    WORKSPACE_DIR=/home/tiny/workspaces \
+    DATA_DIR=/data
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${PORT}"]
 ENTRYPOINT ["tiny-backspace"]

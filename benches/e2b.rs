@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tiny_backspace::job::{JobRegistry, Limits};
+use tiny_backspace::job::Limits;
 use tiny_backspace::sandbox::e2b::E2bProvider;
 use tiny_backspace::sandbox::{CloneSpec, ExecRequest, RepoPath, Sandbox};
 
@@ -91,7 +91,7 @@ fn direct_bash() -> Vec<Duration> {
 
 async fn whole_jobs(fake: &fake_e2b::FakeE2b, repo: &Path) -> (Vec<Duration>, Vec<usize>) {
     let backends = dummy_backends(Arc::new(E2bProvider::new(fake.config())));
-    let registry = JobRegistry::new(Arc::new(backends), Limits::default());
+    let registry = common::start_registry(backends, Limits::default(), None).await;
     let mut times = Vec::new();
     let mut requests = Vec::new();
     for _ in 0..RUNS {

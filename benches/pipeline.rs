@@ -6,14 +6,12 @@
 
 mod common;
 
-use common::{PROMPT, bare_git, dummy_backends, make_repo, run_dummy_job, stats};
+use common::{bare_git, dummy_backends, make_repo, run_dummy_job, stats, time_to_first_event};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tiny_backspace::http::{AppState, router};
 use tiny_backspace::job::{JobRegistry, Limits};
-use tiny_backspace::repo::RepoPolicy;
 use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
 
 const RUNS: usize = 15;
@@ -23,62 +21,15 @@ async fn registry(workspaces: &Path) -> Arc<JobRegistry> {
     let mut config = LocalConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace")));
     config.root = workspaces.to_path_buf();
     let backends = dummy_backends(Arc::new(LocalProvider::new(config).await.unwrap()));
-    JobRegistry::new(
-        Arc::new(backends),
+    common::start_registry(
+        backends,
         Limits {
             max_concurrent: 2,
             ..Limits::default()
         },
+        None,
     )
-}
-
-async fn time_to_first_event(repo: &Path, workspaces: &Path) -> Vec<Duration> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let registry = registry(workspaces).await;
-    let state = Arc::new(AppState {
-        registry: registry.clone(),
-        repo_policy: RepoPolicy {
-            allow_local: true,
-            ..RepoPolicy::default()
-        },
-        api_keys: vec![],
-        admin_api_keys: vec![],
-        allowed_hosts: vec![],
-        cors_origins: vec![],
-        metrics: Default::default(),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
-    let body =
-        serde_json::json!({"repoUrl": repo.display().to_string(), "prompt": PROMPT}).to_string();
-    let request = format!(
-        "POST /code HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut samples = Vec::new();
-    for _ in 0..RUNS {
-        let started = Instant::now();
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "stream ended early");
-            seen.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&seen).contains("data: {\"type\":\"Job Started\"") {
-                break;
-            }
-        }
-        samples.push(started.elapsed());
-        // Let the job finish before the next sample, so samples do not queue behind each other.
-        drop(stream);
-        while registry.active() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    samples
+    .await
 }
 
 async fn whole_jobs(repo: &Path, workspaces: &Path) -> Vec<Duration> {
@@ -97,7 +48,9 @@ fn main() {
     let repo_path = repo.path().canonicalize().unwrap();
     let workspaces = tempfile::tempdir().unwrap();
     println!("repository: 1,001 files; {RUNS} runs each");
-    let first = runtime.block_on(time_to_first_event(&repo_path, workspaces.path()));
+    let first = runtime.block_on(async {
+        time_to_first_event(registry(workspaces.path()).await, &repo_path, RUNS).await
+    });
     println!(
         "time to first event (POST /code → `Job Started` on the socket): {}",
         stats(first)

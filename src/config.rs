@@ -74,6 +74,11 @@ pub struct Config {
     pub sandbox_limits: JobLimits,
     pub sandbox_read_paths: Vec<PathBuf>,
     pub sandbox_ids: HostIds,
+    /// `DATABASE_URL`: the job store; unset means the SQLite file under `data_dir`.
+    pub database_url: Option<String>,
+    /// `DATA_DIR` (else `$XDG_DATA_HOME/tiny-backspace`, else `./data`): where the embedded
+    /// database lives.
+    pub data_dir: PathBuf,
     /// The variables themselves, for the backends that read their own (E2B, providers, GitHub).
     vars: HashMap<String, String>,
 }
@@ -194,7 +199,8 @@ impl Config {
         };
         let defaults = Limits::default();
         let limits = Limits {
-            max_concurrent: number(&vars, "MAX_CONCURRENT_JOBS", 4usize)?.max(1),
+            max_concurrent: optional_number(&vars, "MAX_CONCURRENT_JOBS")?
+                .unwrap_or(defaults.max_concurrent),
             max_queued: number(&vars, "MAX_QUEUED_JOBS", 16usize)?,
             retention: Duration::from_secs(
                 number(
@@ -214,6 +220,10 @@ impl Config {
             max_jobs_per_key: optional_number(&vars, "MAX_JOBS_PER_KEY")?,
             key_rate_per_min: optional_number(&vars, "KEY_RATE_PER_MIN")?,
             cleanup_backoff: defaults.cleanup_backoff,
+            lease: Duration::from_secs(
+                number(&vars, "JOB_LEASE_SECS", defaults.lease.as_secs())?.max(1),
+            ),
+            store_grace: defaults.store_grace,
         };
         let max_change_bytes = number(&vars, "MAX_CHANGE_MB", 64u64)?
             .max(1)
@@ -300,7 +310,8 @@ impl Config {
                 hosts
             }
         };
-        Ok(Self {
+        let concurrency_set = optional_number(&vars, "MAX_CONCURRENT_JOBS")?.is_some();
+        let mut config = Self {
             host,
             port,
             api_keys,
@@ -337,8 +348,46 @@ impl Config {
             sandbox_limits,
             sandbox_read_paths,
             sandbox_ids,
+            database_url: get("DATABASE_URL").map(|v| v.trim().to_owned()),
+            data_dir: crate::store::default_data_dir(
+                get("DATA_DIR").map(|v| v.trim()),
+                get("XDG_DATA_HOME").map(|v| v.trim()),
+            ),
             vars,
-        })
+        };
+        if !concurrency_set {
+            config.limits.max_concurrent = default_concurrency(
+                config.sandbox_name(),
+                config.sandbox_limits.max_memory_bytes,
+                &Host::this(),
+            );
+        }
+        Ok(config)
+    }
+
+    /// The job store's URL: `DATABASE_URL`, or the SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.data_dir.join("tiny-backspace.db").display()
+            ),
+        }
+    }
+
+    /// Opens the job store (creating the data directory for the default SQLite file), with an
+    /// error that names the setting to fix.
+    pub async fn open_store(&self) -> Result<Arc<dyn crate::store::JobStore>, String> {
+        if self.database_url.is_none() {
+            std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+                format!(
+                    "DATA_DIR: cannot create {} for the database ({e}); set DATA_DIR or DATABASE_URL",
+                    self.data_dir.display()
+                )
+            })?;
+        }
+        crate::store::open(&self.database_url()).await
     }
 
     /// Refuses to serve beyond loopback with no API key unless `ALLOW_OPEN_SERVER=true`: anyone who
@@ -448,6 +497,49 @@ impl Config {
     }
 }
 
+/// What this machine offers jobs: its cores and its memory (the container's limit when lower).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    pub cores: usize,
+    pub memory_bytes: u64,
+}
+
+impl Host {
+    pub fn this() -> Host {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(u64::MAX, |kb| kb.saturating_mul(1024));
+        let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        Host {
+            cores,
+            memory_bytes: total.min(limit),
+        }
+    }
+}
+
+/// Jobs that run at once on one instance when `MAX_CONCURRENT_JOBS` is unset. A job on E2B with
+/// a hosted model spends nearly all its time waiting on the network, so the instance runs tens;
+/// a local job runs its commands here, so twice the cores (jobs also wait on the model), and no
+/// more than memory holds at the per-job limit.
+pub fn default_concurrency(sandbox: &str, job_memory_bytes: u64, host: &Host) -> usize {
+    match sandbox {
+        "e2b" => 32,
+        _ => {
+            let by_memory = host.memory_bytes / job_memory_bytes.max(1);
+            (host.cores * 2).min(by_memory as usize).max(1)
+        }
+    }
+}
+
 fn build_e2b(
     lookup: &dyn Fn(&str) -> Option<String>,
     max_read_bytes: u64,
@@ -511,6 +603,39 @@ mod tests {
         assert_eq!(c.agents, vec!["anthropic", "openai", "dummy"]);
         assert_eq!(c.job_timeout, Duration::from_secs(1800));
         assert!(c.repo_policy(false).allowed_hosts == vec!["github.com"]);
+    }
+
+    #[test]
+    fn concurrency_follows_the_backend_unless_set_and_the_database_defaults_to_the_data_dir() {
+        let gib = 1024 * 1024 * 1024;
+        let host = |cores, memory_gib| Host {
+            cores,
+            memory_bytes: memory_gib * gib,
+        };
+        assert_eq!(default_concurrency("e2b", 4 * gib, &host(2, 4)), 32);
+        assert_eq!(default_concurrency("local", 4 * gib, &host(2, 24)), 4);
+        assert_eq!(default_concurrency("local", 4 * gib, &host(16, 24)), 6);
+        assert_eq!(default_concurrency("local", 4 * gib, &host(8, 2)), 1);
+        let e2b = Config::from_vars(vars(&[("E2B_API_KEY", "k")])).unwrap();
+        assert_eq!(e2b.limits.max_concurrent, 32);
+        let set = Config::from_vars(vars(&[("E2B_API_KEY", "k"), ("MAX_CONCURRENT_JOBS", "3")]));
+        assert_eq!(set.unwrap().limits.max_concurrent, 3);
+        assert!(Config::from_vars(vars(&[("MAX_CONCURRENT_JOBS", "many")])).is_err());
+
+        let c = Config::from_vars(vars(&[("XDG_DATA_HOME", "/var/lib/x")])).unwrap();
+        assert_eq!(
+            c.database_url(),
+            "sqlite:///var/lib/x/tiny-backspace/tiny-backspace.db"
+        );
+        let c = Config::from_vars(vars(&[("XDG_DATA_HOME", "/x"), ("DATA_DIR", "/srv/tb")]));
+        assert_eq!(
+            c.unwrap().database_url(),
+            "sqlite:///srv/tb/tiny-backspace.db"
+        );
+        let c = Config::from_vars(HashMap::new()).unwrap();
+        assert_eq!(c.database_url(), "sqlite://data/tiny-backspace.db");
+        let c = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/jobs")])).unwrap();
+        assert_eq!(c.database_url(), "postgres://db/jobs");
     }
 
     #[test]

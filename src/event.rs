@@ -114,6 +114,12 @@ pub enum ErrorCode {
     Timeout,
     /// A bug: a task panicked or an invariant broke.
     Internal,
+    /// The process running the job died (or lost its database for longer than its lease), and
+    /// another instance, or the restarted one, ended the job.
+    InstanceLost,
+    /// The job store failed for so long that the job was stopped; its `Done` was stored once the
+    /// database was back.
+    StoreUnavailable,
 
     // The sandbox.
     SandboxCreateFailed,
@@ -177,6 +183,8 @@ impl ErrorCode {
         match self {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::InstanceLost => "instance_lost",
+            ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::SandboxCreateFailed => "sandbox_create_failed",
             ErrorCode::SandboxUnconfined => "sandbox_unconfined",

@@ -19,6 +19,7 @@ pub mod repo;
 pub mod retry;
 pub mod sandbox;
 pub mod secret_scan;
+pub mod store;
 pub mod telemetry;
 pub mod text;
 

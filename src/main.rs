@@ -179,7 +179,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .backends(launcher()?)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    let registry = JobRegistry::new(Arc::new(backends), config.limits.clone());
+    let store = config.open_store().await.map_err(|e| anyhow::anyhow!(e))?;
+    let registry = JobRegistry::start(Arc::new(backends), config.limits.clone(), store)
+        .await
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL: the job store failed at start: {e}"))?;
     let state = Arc::new(AppState {
         registry: registry.clone(),
         repo_policy: config.repo_policy(false),
@@ -287,7 +290,14 @@ async fn run(
         .backends(launcher()?)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    let registry = JobRegistry::new(Arc::new(backends), config.limits.clone());
+    // One job in the terminal keeps nothing after it: an in-memory store, so a `serve` using the
+    // data directory's database is left alone.
+    let store = tiny_backspace::store::open("sqlite::memory:")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let registry = JobRegistry::start(Arc::new(backends), config.limits.clone(), store)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let job = registry
         .submit(JobRequest {
             repo,
@@ -296,6 +306,7 @@ async fn run(
             draft,
             branch,
         })
+        .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut events = Box::pin(job.log().follow(0));
     let mut interrupted = false;
@@ -316,21 +327,24 @@ async fn run(
             _ = tokio::signal::ctrl_c(), if !interrupted => {
                 interrupted = true;
                 eprintln!("interrupted: cancelling the job (cleaning up the sandbox)…");
-                job.cancel();
+                if let Err(err) = job.cancel().await {
+                    eprintln!("cancelling failed: {err}");
+                }
             }
         }
     }
     // With nothing pushed (a GitHub repository and no token), the patch is the result: show it.
-    let summary = job.log().summary();
+    let record = job.record().await;
     if !json
         && matches!(status, Some(DoneStatus::Succeeded))
-        && summary.branch.is_none()
-        && summary.pr_url.is_none()
-        && let Some((patch, truncated)) = job.patch()
+        && record
+            .as_ref()
+            .is_some_and(|r| r.result.branch.is_none() && r.result.pr_url.is_none())
+        && let Some((patch, truncated)) = job.patch().await
     {
         println!("\nNothing was pushed; the change as a patch (apply it with `git apply`):\n");
-        print!("{}", String::from_utf8_lossy(patch));
-        if *truncated {
+        print!("{}", String::from_utf8_lossy(&patch));
+        if truncated {
             println!("[patch truncated]");
         }
     }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 /// A repository a job works on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RepoRef {
     /// A repository on GitHub or a GitHub Enterprise Server host.
     Remote {

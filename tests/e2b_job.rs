@@ -154,7 +154,7 @@ const PROMPT: &str = r#"replace "great" with "excellent" in README.md"#;
 
 /// Runs one job to its end, bounded, and checks the invariants every job keeps.
 async fn run_job(s: &Setup) -> (Vec<Event>, serde_json::Value) {
-    let job = s.harness.submit(s.repo.path(), PROMPT);
+    let job = s.harness.submit(s.repo.path(), PROMPT).await;
     let events = tokio::time::timeout(Duration::from_secs(90), harness::events_of(&job))
         .await
         .expect("the job never hangs");
@@ -433,6 +433,7 @@ async fn the_servers_secrets_never_reach_the_e2b_sandbox() {
             draft: false,
             branch: None,
         })
+        .await
         .unwrap();
     let events = tokio::time::timeout(Duration::from_secs(90), harness::events_of(&job))
         .await

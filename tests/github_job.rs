@@ -198,6 +198,7 @@ async fn a_dummy_job_opens_a_pull_request_through_the_fake() {
     let job = h
         .registry
         .submit(request(r#"replace "great" with "excellent" in README.md"#))
+        .await
         .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
@@ -253,7 +254,11 @@ async fn a_job_publishes_deletions_binaries_modes_and_symlinks() {
         ],
     );
     let h = harness(&fake, Some(vec![agent])).await;
-    let job = h.registry.submit(request("rework the widgets")).unwrap();
+    let job = h
+        .registry
+        .submit(request("rework the widgets"))
+        .await
+        .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -311,6 +316,7 @@ async fn a_pull_request_whose_answer_was_lost_is_the_jobs_pull_request() {
     let job = h
         .registry
         .submit(request(r#"replace "great" with "fine" in README.md"#))
+        .await
         .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
@@ -341,6 +347,7 @@ async fn a_branch_whose_answer_was_lost_is_the_jobs_branch() {
     let job = h
         .registry
         .submit(request(r#"replace "great" with "grand" in README.md"#))
+        .await
         .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
@@ -362,6 +369,7 @@ async fn a_pull_request_that_was_never_opened_fails_the_job_naming_its_branch() 
     let job = h
         .registry
         .submit(request(r#"replace "great" with "gone" in README.md"#))
+        .await
         .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);

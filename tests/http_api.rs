@@ -179,7 +179,7 @@ async fn every_input_rule_is_a_specific_4xx_and_creates_no_job() {
             );
         }
     }
-    assert_eq!(api.harness.registry.active(), 0);
+    assert_eq!(api.harness.registry.active().await, 0);
     assert_eq!(api.harness.live_workspaces(), 0);
 }
 
@@ -195,7 +195,7 @@ async fn unknown_fields_are_ignored_and_a_job_is_created() {
     assert_eq!(headers["x-job-id"], id);
     assert_eq!(v["events_url"], format!("/jobs/{id}/events"));
     assert_eq!(v["status_url"], format!("/jobs/{id}"));
-    let job = api.harness.registry.get(id).unwrap();
+    let job = api.harness.registry.handle(id).await.unwrap().unwrap();
     support::harness::events_of(&job).await;
     let (status, _, bytes) = send(
         &api.app,
@@ -266,13 +266,14 @@ async fn api_keys_are_required_on_every_route_but_healthz() {
     );
     assert_eq!(
         health,
-        json!({"status": "ok", "sandbox": "local", "isolation": null, "limits": null, "agents": ["dummy"], "forge": "none", "cleanup_pending": 0, "auth": true})
+        json!({"status": "ok", "store": "sqlite", "sandbox": "local", "isolation": null, "limits": null, "agents": ["dummy"], "forge": "none", "cleanup_pending": 0, "auth": true})
     );
     let body = json!({"repoUrl": "https://github.com/a/b", "prompt": "x"}).to_string();
     for request in [
         post("/code", body.clone()),
         post("/jobs", body.clone()),
         Request::get("/jobs/x").body(Body::empty()).unwrap(),
+        Request::get("/jobs").body(Body::empty()).unwrap(),
         Request::get("/jobs/x/events").body(Body::empty()).unwrap(),
         Request::get("/jobs/x/patch").body(Body::empty()).unwrap(),
         Request::delete("/jobs/x").body(Body::empty()).unwrap(),
@@ -303,7 +304,7 @@ async fn api_keys_are_required_on_every_route_but_healthz() {
             (StatusCode::NOT_FOUND, "not_found".to_string())
         );
     }
-    assert_eq!(api.harness.registry.active(), 0);
+    assert_eq!(api.harness.registry.active().await, 0);
 }
 
 #[tokio::test]
@@ -482,8 +483,8 @@ async fn sse_framing_is_exact_and_replay_starts_after_last_event_id() {
         .trim()
         .to_owned();
     let stream = dechunk(chunked);
-    let job = api.harness.registry.get(&job_id).unwrap();
-    let log = job.log().replay_after(0);
+    let job = api.harness.registry.handle(&job_id).await.unwrap().unwrap();
+    let log: Vec<_> = futures::StreamExt::collect(job.log().follow(0)).await;
     // The stream is exactly the log, one `id:` + one `data:` line per event, no `event:` line.
     let expected: String = log.iter().map(tiny_backspace::http::sse_frame).collect();
     assert_eq!(stream, expected);
@@ -550,9 +551,9 @@ async fn a_disconnected_client_does_not_cancel_and_delete_does() {
     let id = response.headers()["x-job-id"].to_str().unwrap().to_owned();
     drop(response);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let job = api.harness.registry.get(&id).unwrap();
+    let job = api.harness.registry.handle(&id).await.unwrap().unwrap();
     assert!(
-        !job.is_finished(),
+        !job.record().await.unwrap().is_finished(),
         "the job must keep running without its client"
     );
     let (status, _, bytes) = send(
@@ -608,10 +609,12 @@ async fn a_disconnected_client_does_not_cancel_and_delete_does() {
 async fn a_finished_job_with_nothing_after_the_resume_point_answers_204() {
     let repo = repo_with(&[("a.txt", "a\n")]);
     let api = api(HarnessOptions::default(), vec![], true).await;
-    let job = api.harness.submit(repo.path(), "append \"b\" to a.txt");
+    let job = api
+        .harness
+        .submit(repo.path(), "append \"b\" to a.txt")
+        .await;
     let id = job.id().to_owned();
-    support::harness::events_of(&job).await;
-    let last = job.log().len();
+    let last = support::harness::events_of(&job).await.len() as u64;
     let events_request = |header: Option<u64>, query: Option<u64>| {
         let uri = match query {
             Some(n) => format!("/jobs/{id}/events?after={n}"),
@@ -744,7 +747,7 @@ async fn cross_site_requests_are_refused() {
         let (got, _, bytes) = send(&app, request).await;
         assert_eq!((got, error_code(&bytes)), (status, code.to_owned()));
     }
-    assert_eq!(harness.registry.active(), 0);
+    assert_eq!(harness.registry.active().await, 0);
     // The service's own origin, a configured origin and an allowed Host pass.
     for origin in ["http://localhost:8000", "https://app.example.com"] {
         let request = with(
@@ -802,7 +805,7 @@ async fn each_key_sees_only_its_own_jobs() {
         .as_str()
         .unwrap()
         .to_owned();
-    let job = harness.registry.get(&id).unwrap();
+    let job = harness.registry.handle(&id).await.unwrap().unwrap();
     support::harness::events_of(&job).await;
     let as_key = |key: &str, method: &str, path: String| {
         Request::builder()
@@ -1101,7 +1104,7 @@ async fn shutdown_ends_within_the_grace_whatever_is_open() {
         shutdown_grace: Duration::from_secs(1),
     };
     let (addr, stop, server) = edge_server(api.app.clone(), limits).await;
-    let job = api.harness.submit(repo.path(), "anything");
+    let job = api.harness.submit(repo.path(), "anything").await;
     let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
     partial
         .write_all(b"GET /healthz HTTP/1.1\r\nHo")
@@ -1126,7 +1129,7 @@ async fn shutdown_ends_within_the_grace_whatever_is_open() {
     );
     let (_, took) = read_until_closed(&mut stream).await;
     assert!(took < Duration::from_secs(2));
-    job.cancel();
+    job.cancel().await.unwrap();
 }
 
 /// One key cannot fill the queue for everyone: over its job limit or its rate it gets 429 with a
@@ -1165,11 +1168,12 @@ async fn a_key_over_its_limits_gets_429_while_others_are_served() {
             .as_str()
             .unwrap()
             .to_owned();
-        harness.registry.get(&id).unwrap()
+        let registry = harness.registry.clone();
+        async move { registry.handle(&id).await.unwrap().unwrap() }
     };
     let (status, _, bytes) = send(&app, submit("key-a-111111")).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let first = accepted(bytes);
+    let first = accepted(bytes).await;
     // A second job while the first runs: over MAX_JOBS_PER_KEY.
     let (status, headers, bytes) = send(&app, submit("key-a-111111")).await;
     assert_eq!(
@@ -1182,16 +1186,20 @@ async fn a_key_over_its_limits_gets_429_while_others_are_served() {
     assert_eq!(status, StatusCode::ACCEPTED);
     // Once the first job ends, key A may submit again, until its rate (2 accepted a minute)
     // runs out.
-    first.cancel();
+    first.cancel().await.unwrap();
     support::harness::events_of(&first).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, _, bytes) = send(&app, submit("key-a-111111")).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let second = accepted(bytes);
-    second.cancel();
+    let second = accepted(bytes).await;
+    second.cancel().await.unwrap();
     support::harness::events_of(&second).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(harness.registry.active(), 1, "only key B's job is left");
+    assert_eq!(
+        harness.registry.active().await,
+        1,
+        "only key B's job is left"
+    );
     let (status, headers, bytes) = send(&app, submit("key-a-111111")).await;
     assert_eq!(
         (status, error_code(&bytes)),
@@ -1283,7 +1291,7 @@ async fn an_events_token_opens_one_jobs_events_and_nothing_else() {
         start("key-b-222222").await,
     );
     for id in [&mine, &other, &theirs] {
-        support::harness::events_of(&harness.registry.get(id).unwrap()).await;
+        support::harness::events_of(&harness.registry.handle(id).await.unwrap().unwrap()).await;
     }
     let mint = |key: Option<&str>, id: &str| {
         let mut request = Request::post(format!("/jobs/{id}/events-token"))

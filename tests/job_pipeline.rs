@@ -23,7 +23,9 @@ const APP: &str = "def greet(name):\n    return \"Hello \" + name\n";
 async fn the_dummy_agent_job_leaves_a_branch_with_exactly_its_change() {
     let repo = repo_with(&[("app.py", APP), ("README.md", "# Demo\n")]);
     let h = Harness::new(HarnessOptions::default()).await;
-    let job = h.submit(repo.path(), "Replace \"Hello \" with \"Hi, \" in app.py");
+    let job = h
+        .submit(repo.path(), "Replace \"Hello \" with \"Hi, \" in app.py")
+        .await;
     let events = events_of(&job).await;
     assert_eq!(
         shape(&events),
@@ -53,7 +55,11 @@ async fn the_dummy_agent_job_leaves_a_branch_with_exactly_its_change() {
             "Done",
         ]
     );
-    let seqs: Vec<u64> = job.log().replay_after(0).iter().map(|s| s.seq).collect();
+    let seqs: Vec<u64> = futures::StreamExt::collect::<Vec<_>>(job.log().follow(0))
+        .await
+        .iter()
+        .map(|s| s.seq)
+        .collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
     let edit = events
         .iter()
@@ -101,7 +107,7 @@ async fn the_dummy_agent_job_leaves_a_branch_with_exactly_its_change() {
     );
     assert_eq!(h.live_workspaces(), 0);
     // The patch matches the branch.
-    let (patch, truncated) = job.patch().unwrap().clone();
+    let (patch, truncated) = job.patch().await.unwrap();
     assert!(!truncated);
     assert_eq!(
         patch,
@@ -113,7 +119,9 @@ async fn the_dummy_agent_job_leaves_a_branch_with_exactly_its_change() {
 async fn an_unknown_request_is_recorded_in_a_clearly_named_file() {
     let repo = repo_with(&[("README.md", "# Demo\n")]);
     let h = Harness::new(HarnessOptions::default()).await;
-    let job = h.submit(repo.path(), "Add input validation to all POST endpoints");
+    let job = h
+        .submit(repo.path(), "Add input validation to all POST endpoints")
+        .await;
     let events = events_of(&job).await;
     let done = done(&events);
     assert_eq!(done["status"], "succeeded");
@@ -155,7 +163,7 @@ async fn deletions_binary_files_modes_and_symlinks_reach_the_branch() {
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.submit(repo.path(), "shuffle");
+    let job = h.submit(repo.path(), "shuffle").await;
     let events = events_of(&job).await;
     let done = done(&events);
     assert_eq!(done["status"], "succeeded", "{events:#?}");
@@ -232,7 +240,7 @@ async fn failing_job(
 ) {
     let repo = repo_with(&[("app.py", APP)]);
     let h = Harness::new(options).await;
-    let job = h.submit(repo.path(), prompt);
+    let job = h.submit(repo.path(), prompt).await;
     let events = events_of(&job).await;
     let done = done(&events);
     let errors = events
@@ -351,7 +359,7 @@ async fn an_agent_command_that_times_out_goes_back_to_the_model() {
         ..HarnessOptions::default()
     })
     .await;
-    let events = events_of(&h.submit(repo.path(), "x")).await;
+    let events = events_of(&h.submit(repo.path(), "x").await).await;
     assert_eq!(done(&events)["status"], "succeeded");
     let bash = events.iter().find_map(|e| match &e.kind {
         EventKind::ToolBash {
@@ -433,7 +441,7 @@ async fn a_failing_provider_falls_back_to_the_next_with_the_same_transcript() {
         ..HarnessOptions::default()
     })
     .await;
-    let events = events_of(&h.submit(repo.path(), "say hey")).await;
+    let events = events_of(&h.submit(repo.path(), "say hey").await).await;
     assert_eq!(done(&events)["status"], "succeeded");
     let fallback = events
         .iter()
@@ -484,7 +492,7 @@ async fn cancel_stops_the_job_and_cleans_up() {
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.submit(repo.path(), "x");
+    let job = h.submit(repo.path(), "x").await;
     // Wait until the agent is running, then cancel.
     let mut follow = Box::pin(job.log().follow(0));
     use futures::StreamExt;
@@ -499,7 +507,7 @@ async fn cancel_stops_the_job_and_cleans_up() {
             break;
         }
     }
-    job.cancel();
+    job.cancel().await.unwrap();
     let events = events_of(&job).await;
     let done = done(&events);
     assert_eq!(done["status"], "cancelled");
@@ -587,7 +595,7 @@ async fn tool_errors_go_back_to_the_model_and_budgets_publish_partial_work() {
         ..HarnessOptions::default()
     })
     .await;
-    let events = events_of(&h.submit(repo.path(), "x")).await;
+    let events = events_of(&h.submit(repo.path(), "x").await).await;
     let done = done(&events);
     assert_eq!(done["status"], "succeeded");
     let seen = model.seen.lock().unwrap();
@@ -644,17 +652,24 @@ async fn finished_jobs_are_kept_for_a_bounded_number() {
     .await;
     let mut ids = Vec::new();
     for i in 0..4 {
-        let job = h.submit(
-            repo.path(),
-            &format!("create a file n{i}.txt with the text \"{i}\""),
-        );
+        let job = h
+            .submit(
+                repo.path(),
+                &format!("create a file n{i}.txt with the text \"{i}\""),
+            )
+            .await;
         events_of(&job).await;
         ids.push(job.id().to_owned());
         // Distinct creation times order the eviction.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Pruning happens on access: the oldest finished jobs beyond the limit are gone.
-    let kept: Vec<bool> = ids.iter().map(|id| h.registry.get(id).is_some()).collect();
+    // Pruning (on a timer, and when a job finishes): the oldest finished jobs beyond the limit
+    // are gone.
+    h.registry.prune().await.unwrap();
+    let mut kept = Vec::new();
+    for id in &ids {
+        kept.push(h.registry.job(id).await.unwrap().is_some());
+    }
     assert_eq!(kept, vec![false, false, true, true]);
 }
 
@@ -725,6 +740,7 @@ async fn without_a_token_the_pr_is_skipped_and_the_patch_stays_available() {
             draft: false,
             branch: None,
         })
+        .await
         .unwrap();
     let events = events_of(&job).await;
     let done = done(&events);
@@ -756,8 +772,8 @@ async fn without_a_token_the_pr_is_skipped_and_the_patch_stays_available() {
             "no GitHub token is configured".to_owned()
         )
     );
-    let (patch, _) = job.patch().unwrap();
-    let patch = String::from_utf8_lossy(patch);
+    let (patch, _) = job.patch().await.unwrap();
+    let patch = String::from_utf8_lossy(&patch);
     assert!(
         patch.contains("-    return \"Hello \" + name\n+    return \"Hi, \" + name"),
         "{patch}"
@@ -850,6 +866,7 @@ async fn the_hard_timeout_keeps_the_collected_change() {
     let job = h
         .registry
         .submit(remote_request("Replace \"Hello \" with \"Hi, \" in app.py"))
+        .await
         .unwrap();
     let events = events_of(&job).await;
     let done = done(&events);
@@ -862,8 +879,8 @@ async fn the_hard_timeout_keeps_the_collected_change() {
         .filter(|s| s.starts_with("Status:commit"))
         .collect();
     assert_eq!(commit, ["Status:commit:started", "Status:commit:failed"]);
-    let (patch, _) = job.patch().expect("the patch is kept");
-    assert!(String::from_utf8_lossy(patch).contains("+    return \"Hi, \" + name"));
+    let (patch, _) = job.patch().await.expect("the patch is kept");
+    assert!(String::from_utf8_lossy(&patch).contains("+    return \"Hi, \" + name"));
     assert_eq!(h.live_workspaces(), 0);
 }
 
@@ -880,7 +897,7 @@ async fn a_refused_repository_stops_the_job_before_the_clone() {
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.registry.submit(remote_request("anything")).unwrap();
+    let job = h.registry.submit(remote_request("anything")).await.unwrap();
     let events = events_of(&job).await;
     let done = done(&events);
     assert_eq!(done["error"]["code"], "private_repository", "{done}");
@@ -926,19 +943,24 @@ async fn finished_jobs_are_bounded_in_bytes() {
             .await;
             let mut jobs = Vec::new();
             for i in 0..3 {
-                let job = h.submit(
-                    &repo,
-                    &format!("create a file n{i}.txt with the text \"{i}\""),
-                );
+                let job = h
+                    .submit(
+                        &repo,
+                        &format!("create a file n{i}.txt with the text \"{i}\""),
+                    )
+                    .await;
                 events_of(&job).await;
                 jobs.push(job);
             }
-            h.registry.prune();
-            let sizes: Vec<usize> = jobs.iter().map(|j| j.bytes()).collect();
-            let kept: Vec<bool> = jobs
-                .iter()
-                .map(|j| h.registry.get(j.id()).is_some())
-                .collect();
+            let mut sizes = Vec::new();
+            for job in &jobs {
+                sizes.push(job.record().await.map_or(0, |r| r.bytes as usize));
+            }
+            h.registry.prune().await.unwrap();
+            let mut kept = Vec::new();
+            for job in &jobs {
+                kept.push(h.registry.job(job.id()).await.unwrap().is_some());
+            }
             (sizes, kept)
         }
     };
@@ -959,10 +981,12 @@ async fn a_change_over_the_size_limit_is_refused_unread() {
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.submit(
-        repo.path(),
-        "create a file big.txt with the text \"more than sixteen bytes of text\"",
-    );
+    let job = h
+        .submit(
+            repo.path(),
+            "create a file big.txt with the text \"more than sixteen bytes of text\"",
+        )
+        .await;
     let events = events_of(&job).await;
     let done = done(&events);
     assert_eq!(done["status"], "failed", "{done}");
@@ -989,6 +1013,7 @@ async fn an_existing_head_branch_is_refused_before_the_clone() {
             branch: Some("taken".into()),
             ..support::harness::request(repo.path(), "create a file n.txt with the text \"n\"")
         })
+        .await
         .unwrap();
     let events = events_of(&job).await;
     let done = done(&events);
@@ -1021,7 +1046,9 @@ async fn a_failed_sandbox_kill_is_retried_until_the_sandbox_is_gone() {
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.submit(repo.path(), "create a file n.txt with the text \"n\"");
+    let job = h
+        .submit(repo.path(), "create a file n.txt with the text \"n\"")
+        .await;
     let events = events_of(&job).await;
     assert_eq!(done(&events)["status"], "succeeded");
     let cleanup: Vec<String> = events
@@ -1082,11 +1109,11 @@ async fn the_checkouts_own_git_configuration_cannot_disguise_the_patch() {
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.submit(repo.path(), "edit the notes");
+    let job = h.submit(repo.path(), "edit the notes").await;
     let events = events_of(&job).await;
     assert_eq!(done(&events)["status"], "succeeded");
-    let (patch, _) = job.patch().unwrap();
-    let patch = String::from_utf8_lossy(patch);
+    let (patch, _) = job.patch().await.unwrap();
+    let patch = String::from_utf8_lossy(&patch);
     assert!(patch.contains("+evil payload"), "{patch}");
     assert!(!patch.contains("fine payload"), "{patch}");
     assert!(

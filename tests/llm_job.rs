@@ -95,7 +95,7 @@ async fn run_job(agents: Vec<Arc<dyn Provider>>) -> (tempfile::TempDir, Harness,
         ..HarnessOptions::default()
     })
     .await;
-    let job = h.submit(repo.path(), PROMPT);
+    let job = h.submit(repo.path(), PROMPT).await;
     let events = events_of(&job).await;
     (repo, h, events)
 }
@@ -404,7 +404,7 @@ async fn a_retried_stream_does_not_repeat_its_text() {
         ..harness_options(vec![anthropic(&fake)], &[CANARY])
     })
     .await;
-    let events = events_of(&h.submit(repo.path(), PROMPT)).await;
+    let events = events_of(&h.submit(repo.path(), PROMPT).await).await;
     assert_edited(&repo, &events);
     assert_eq!(fake.requests().len(), 4);
     assert_eq!(
@@ -439,7 +439,7 @@ async fn tool_results_are_redacted_before_the_model_sees_them() {
         ("deploy.env", &format!("TOKEN={IN_REPO}\n")),
     ]);
     let h = Harness::new(harness_options(vec![anthropic(&fake)], &[CANARY, IN_REPO])).await;
-    let events = events_of(&h.submit(repo.path(), PROMPT)).await;
+    let events = events_of(&h.submit(repo.path(), PROMPT).await).await;
     assert_edited(&repo, &events);
     let requests = fake.requests();
     assert_eq!(requests.len(), 4);
@@ -483,7 +483,7 @@ async fn usage_of_paid_turns_survives_an_agent_failure() {
     ]);
     let repo = repo_with(&[("app.py", APP)]);
     let h = Harness::new(harness_options(vec![anthropic(&fake)], &[CANARY])).await;
-    let job = h.submit(repo.path(), PROMPT);
+    let job = h.submit(repo.path(), PROMPT).await;
     let events = events_of(&job).await;
     let done = done(&events);
     assert_eq!(done["status"], "failed", "{done}");
@@ -491,7 +491,10 @@ async fn usage_of_paid_turns_survives_an_agent_failure() {
     let expected = json!([{"provider": "anthropic", "model": "claude-sonnet-5-5",
                            "input_tokens": 1200, "output_tokens": 85}]);
     assert_eq!(done["usage"], expected);
-    let view = serde_json::to_value(tiny_backspace::job::state::JobView::of(&job)).unwrap();
+    let view = serde_json::to_value(tiny_backspace::job::state::JobView::of(
+        &job.record().await.unwrap(),
+    ))
+    .unwrap();
     assert_eq!(view["usage"], expected);
 }
 
@@ -521,7 +524,7 @@ async fn a_job_that_runs_out_of_time_publishes_its_partial_work() {
         ..harness_options(vec![anthropic(&fake)], &[CANARY])
     })
     .await;
-    let events = events_of(&h.submit(repo.path(), PROMPT)).await;
+    let events = events_of(&h.submit(repo.path(), PROMPT).await).await;
     let done = done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["files_changed"], 1);

@@ -51,9 +51,9 @@ async fn two_hundred_clients_that_never_read_a_large_patch_cost_little_memory() 
         ..HarnessOptions::default()
     })
     .await;
-    let job = harness.submit(repo.path(), "add a large file");
+    let job = harness.submit(repo.path(), "add a large file").await;
     events_of(&job).await;
-    let (patch, _) = job.patch().expect("a patch");
+    let (patch, _) = job.patch().await.expect("a patch");
     let patch_len = patch.len();
     assert!(patch_len > 5_000_000, "{patch_len}");
 

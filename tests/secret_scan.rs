@@ -19,7 +19,7 @@ use tiny_backspace::agent::Part;
 use tiny_backspace::event::{Event, EventKind};
 use tiny_backspace::forge::Forge;
 use tiny_backspace::forge::github::{GithubConfig, GithubForge};
-use tiny_backspace::job::{Job, JobRequest};
+use tiny_backspace::job::{JobHandle, JobRequest};
 use tiny_backspace::repo::RepoRef;
 
 /// The server's secrets, as the configuration would hand them to the redactor.
@@ -31,7 +31,7 @@ const LOOSE_TOKEN: &str = "ghp_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A";
 
 struct Run {
     fake: FakeGithub,
-    job: Arc<Job>,
+    job: JobHandle,
     events: Vec<Event>,
     done: Value,
     _harness: Harness,
@@ -84,6 +84,7 @@ async fn run(calls: Vec<Part>) -> Run {
             draft: false,
             branch: None,
         })
+        .await
         .unwrap();
     let events = harness::events_of(&job).await;
     let done = harness::done(&events);
@@ -106,7 +107,7 @@ fn command(command: &str) -> Part {
 
 /// The job was refused at the commit step for `expected` (the message's finding), nothing left
 /// the server, and no event carries a secret.
-fn assert_refused(run: &Run, expected: &str) {
+async fn assert_refused(run: &Run, expected: &str) {
     let done = &run.done;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "secret_in_change", "{done}");
@@ -153,7 +154,7 @@ fn assert_refused(run: &Run, expected: &str) {
         !shape.iter().any(|s| s.starts_with("Status:pr")),
         "{shape:?}"
     );
-    assert!(run.job.patch().is_none(), "no patch is kept");
+    assert!(run.job.patch().await.is_none(), "no patch is kept");
 
     // Not one GitHub write: the requests are the repository lookups, all reads.
     let requests = run.fake.requests();
@@ -183,7 +184,7 @@ async fn a_configured_secret_written_plain_is_refused_before_any_github_write() 
         &format!("token for later: {GITHUB_CANARY}\n"),
     )])
     .await;
-    assert_refused(&run, "`notes.txt` contains a configured secret");
+    assert_refused(&run, "`notes.txt` contains a configured secret").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +199,8 @@ async fn a_configured_secret_base64_encoded_inside_a_longer_stream_is_refused() 
     assert_refused(
         &run,
         "`assets/blob.b64` contains a configured secret, base64-encoded",
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +211,7 @@ async fn a_github_token_shape_nobody_configured_is_refused() {
         B64.encode(LOOSE_TOKEN)
     ))])
     .await;
-    assert_refused(&run, "`config/creds.env` contains a GitHub token shape");
+    assert_refused(&run, "`config/creds.env` contains a GitHub token shape").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +224,8 @@ async fn a_secret_in_a_file_name_is_refused_and_masked_in_the_message() {
     assert_refused(
         &run,
         "the path `keys/[REDACTED].txt` contains a GitHub token shape",
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +236,7 @@ async fn a_secret_in_binary_content_is_refused() {
          printf '\\000' >> logo.bin"
     ))])
     .await;
-    assert_refused(&run, "`logo.bin` contains a configured secret, hex-encoded");
+    assert_refused(&run, "`logo.bin` contains a configured secret, hex-encoded").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +258,7 @@ SCANCANARY is only part of a secret, and so is 0a1b2c3d4e5f67890a1b.\n";
             |e| matches!(&e.kind, EventKind::Diff { patch, .. } if patch.contains("sk-learn"))
         )
     );
-    assert!(run.job.patch().is_some());
+    assert!(run.job.patch().await.is_some());
     let bare = run.fake.git_dir("alice/widgets");
     let branch = run.done["branch"].as_str().unwrap();
     assert_eq!(

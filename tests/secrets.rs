@@ -121,6 +121,7 @@ async fn no_secret_reaches_the_sandbox_a_model_an_event_or_a_log_line() {
             draft: false,
             branch: None,
         })
+        .await
         .unwrap();
     let events = events_of(&job).await;
     let done = done(&events);

@@ -12,10 +12,11 @@ use tiny_backspace::agent::runner::AgentLimits;
 use tiny_backspace::forge::Forges;
 use tiny_backspace::forge::local::LocalForge;
 use tiny_backspace::forge::policy::CommitPolicy;
+use tiny_backspace::http::{AppState, router};
 use tiny_backspace::job::pipeline::Backends;
 use tiny_backspace::job::{JobRegistry, JobRequest};
 use tiny_backspace::redact::Redactor;
-use tiny_backspace::repo::RepoRef;
+use tiny_backspace::repo::{RepoPolicy, RepoRef};
 use tiny_backspace::sandbox::SandboxProvider;
 
 /// The request every benchmark job makes: one the dummy agent carries out.
@@ -40,6 +41,23 @@ pub fn dummy_backends(sandbox: Arc<dyn SandboxProvider>) -> Backends {
     }
 }
 
+/// A registry over `store` (an in-memory SQLite database when `None`).
+pub async fn start_registry(
+    backends: Backends,
+    limits: tiny_backspace::job::Limits,
+    store: Option<Arc<dyn tiny_backspace::store::JobStore>>,
+) -> Arc<JobRegistry> {
+    let store = match store {
+        Some(store) => store,
+        None => tiny_backspace::store::open("sqlite::memory:")
+            .await
+            .unwrap(),
+    };
+    JobRegistry::start(Arc::new(backends), limits, store)
+        .await
+        .unwrap()
+}
+
 /// Runs one dummy job on `repo` to its `Done`, asserting it succeeded; returns its duration.
 pub async fn run_dummy_job(registry: &Arc<JobRegistry>, repo: &Path) -> Duration {
     let started = Instant::now();
@@ -53,11 +71,61 @@ pub async fn run_dummy_job(registry: &Arc<JobRegistry>, repo: &Path) -> Duration
             draft: false,
             branch: None,
         })
+        .await
         .unwrap();
     let last = job.log().follow(0).collect::<Vec<_>>().await.pop().unwrap();
     let json = serde_json::to_value(&last.event).unwrap();
     assert_eq!(json["status"], "succeeded", "{json}");
     started.elapsed()
+}
+
+/// `POST /code` through the real router until `Job Started` is on the socket, `runs` times; each
+/// sample starts once the job before has finished, so none queues.
+pub async fn time_to_first_event(registry: Arc<JobRegistry>, repo: &Path, runs: usize) -> Vec<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let state = Arc::new(AppState {
+        registry: registry.clone(),
+        repo_policy: RepoPolicy {
+            allow_local: true,
+            ..RepoPolicy::default()
+        },
+        api_keys: vec![],
+        admin_api_keys: vec![],
+        allowed_hosts: vec![],
+        cors_origins: vec![],
+        metrics: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let body =
+        serde_json::json!({"repoUrl": repo.display().to_string(), "prompt": PROMPT}).to_string();
+    let request = format!(
+        "POST /code HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("data: {\"type\":\"Job Started\"") {
+                break;
+            }
+        }
+        samples.push(started.elapsed());
+        drop(stream);
+        while registry.active().await > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    samples
 }
 
 pub fn git(dir: &Path, args: &[&str]) {

@@ -15,23 +15,36 @@ use serde_json::{Value, json};
 
 use super::events_token::{self, EventTokens};
 use super::{ApiError, AppState, sse};
-use crate::job::state::JobView;
-use crate::job::{Job, JobRequest, SubmitError};
+use crate::job::state::{JobState, JobView};
+use crate::job::{CancelOutcome, JobHandle, JobRequest, SubmitError};
+use crate::store::{JobRecord, ListQuery, StoreError, decode_cursor, encode_cursor};
 
 /// Longest prompt accepted, in characters.
 pub const MAX_PROMPT_CHARS: usize = 20_000;
 
-/// The backends in use; never needs a key.
+/// The service's health: 200 when it can take jobs, 503 when its database is unreachable. Never
+/// needs a key.
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "service",
-    responses((status = 200, description = "The service is up", body = super::openapi::Health))
+    responses(
+        (status = 200, description = "The service is up", body = super::openapi::Health),
+        (status = 503, description = "The job store is unreachable (`store_error` says why)", body = super::openapi::Health)
+    )
 )]
-pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     let backends = state.registry.backends();
-    Json(json!({
-        "status": "ok",
+    let store = state.registry.store();
+    let reachable = tokio::time::timeout(std::time::Duration::from_secs(5), store.health()).await;
+    let problem = match reachable {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err.to_string()),
+        Err(_) => Some("the database did not answer within 5 s".to_owned()),
+    };
+    let mut body = json!({
+        "status": if problem.is_some() { "unavailable" } else { "ok" },
+        "store": store.backend(),
         "sandbox": backends.sandbox.name(),
         "isolation": backends.sandbox.isolation(),
         "limits": backends.sandbox.limits(),
@@ -40,7 +53,14 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
         "cleanup_pending": state.registry.cleanup_pending(),
         // Whether the other routes need an API key: the web page asks for one only then.
         "auth": !state.api_keys.is_empty(),
-    }))
+    });
+    match problem {
+        None => Json(body).into_response(),
+        Some(problem) => {
+            body["store_error"] = Value::String(problem);
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
 pub async fn not_found() -> ApiError {
@@ -65,8 +85,8 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn may_see(&self, job: &Job) -> bool {
-        self.admin || job.owner().is_none() || job.owner() == self.key_id.as_deref()
+    fn may_see(&self, owner: Option<&str>) -> bool {
+        self.admin || owner.is_none() || owner == self.key_id.as_deref()
     }
 }
 
@@ -366,11 +386,42 @@ pub fn valid_branch(name: &str) -> bool {
         && name != "HEAD"
 }
 
-fn submit(state: &AppState, caller: &Caller, request: JobRequest) -> Result<Arc<Job>, ApiError> {
+/// The `Idempotency-Key` header, if any: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().unwrap_or("").trim();
+    if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+fn store_error(err: &StoreError) -> ApiError {
+    tracing::error!(error = %err, "the job store failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the job store is unavailable; try again shortly",
+    )
+}
+
+async fn submit(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    request: JobRequest,
+    headers: &HeaderMap,
+) -> Result<JobHandle, ApiError> {
+    let key = idempotency_key(headers)?;
     let owner = caller.key_id.clone();
     state
         .registry
-        .submit_as(request, owner)
+        .submit_as(request, owner, key)
+        .await
         .map_err(|err| match err {
             SubmitError::Busy { retry_after, .. } => ApiError {
                 retry_after: Some(retry_after.as_secs()),
@@ -390,19 +441,35 @@ fn submit(state: &AppState, caller: &Caller, request: JobRequest) -> Result<Arc<
                     )
                 }
             }
+            SubmitError::IdempotencyConflict { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_conflict",
+                err.to_string(),
+            ),
             SubmitError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 err.to_string(),
             ),
+            SubmitError::Store(err) => store_error(&err),
         })
 }
 
-fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
+fn job_id_header(id: &str) -> [(header::HeaderName, HeaderValue); 1] {
     [(
         header::HeaderName::from_static("x-job-id"),
-        HeaderValue::from_str(job.id()).unwrap_or(HeaderValue::from_static("")),
+        HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("")),
     )]
+}
+
+/// Marks the answer to a repeated `Idempotency-Key`.
+fn replayed_header(job: &JobHandle) -> Option<[(header::HeaderName, HeaderValue); 1]> {
+    job.replayed().then(|| {
+        [(
+            header::HeaderName::from_static("idempotent-replayed"),
+            HeaderValue::from_static("true"),
+        )]
+    })
 }
 
 /// Starts a job and streams its events (Server-Sent Events: one `id:` and one `data:` line per
@@ -412,10 +479,11 @@ fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
     path = "/code",
     tag = "jobs",
     request_body = JobBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeating a request with the same key (and body) returns the job it started instead of a second one")),
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "The job's events, from `Job Started` to `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame,
-            headers(("X-Job-Id" = String, description = "The job's id"))),
+            headers(("X-Job-Id" = String, description = "The job's id"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this `Idempotency-Key` started the job"))),
         (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
@@ -423,19 +491,22 @@ fn job_id_header(job: &Job) -> [(header::HeaderName, HeaderValue); 1] {
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
         (status = 429, description = "Too many jobs: the service's or this key's limit", body = super::openapi::ErrorBody),
-        (status = 503, description = "The service is shutting down", body = super::openapi::ErrorBody)
+        (status = 409, description = "This `Idempotency-Key` was used with a different body", body = super::openapi::ErrorBody),
+        (status = 503, description = "The service is shutting down, or the job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn code(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_request(&state, body)?;
-    let job = submit(&state, &caller, request)?;
+    let job = submit(&state, &caller, request, &headers).await?;
     // The stream only reads the log: a client that goes away does not cancel the job.
     Ok((
-        job_id_header(&job),
+        job_id_header(job.id()),
+        replayed_header(&job),
         sse::stream(job.log(), 0, state.registry.stopped()),
     )
         .into_response())
@@ -447,10 +518,11 @@ pub async fn code(
     path = "/jobs",
     tag = "jobs",
     request_body = JobBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeating a request with the same key (and body) returns the job it started instead of a second one")),
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 202, description = "The job was accepted", body = super::openapi::JobCreated,
-            headers(("X-Job-Id" = String, description = "The job's id"))),
+            headers(("X-Job-Id" = String, description = "The job's id"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this `Idempotency-Key` started the job"))),
         (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
@@ -458,20 +530,23 @@ pub async fn code(
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
         (status = 429, description = "Too many jobs: the service's or this key's limit", body = super::openapi::ErrorBody),
-        (status = 503, description = "The service is shutting down", body = super::openapi::ErrorBody)
+        (status = 409, description = "This `Idempotency-Key` was used with a different body", body = super::openapi::ErrorBody),
+        (status = 503, description = "The service is shutting down, or the job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn create_job(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_request(&state, body)?;
-    let job = submit(&state, &caller, request)?;
+    let job = submit(&state, &caller, request, &headers).await?;
     let id = job.id();
     Ok((
         StatusCode::ACCEPTED,
-        job_id_header(&job),
+        job_id_header(id),
+        replayed_header(&job),
         Json(json!({
             "job_id": id,
             "events_url": format!("/jobs/{id}/events"),
@@ -483,17 +558,23 @@ pub async fn create_job(
 
 /// The job `id` names, if `caller` may see it: another key's job is as missing as one that never
 /// existed. Ids are UUIDs, so their case does not matter.
-fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Job>, ApiError> {
+async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
+    let not_found = || {
+        ApiError::not_found(format!(
+            "no job `{}`",
+            id.chars().take(64).collect::<String>()
+        ))
+    };
+    if id.len() > 64 {
+        return Err(not_found());
+    }
     state
         .registry
-        .get(&id.to_ascii_lowercase())
-        .filter(|job| caller.may_see(job))
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no job `{}`",
-                id.chars().take(64).collect::<String>()
-            ))
-        })
+        .job(&id.to_ascii_lowercase())
+        .await
+        .map_err(|e| store_error(&e))?
+        .filter(|job| caller.may_see(job.owner.as_deref()))
+        .ok_or_else(not_found)
 }
 
 /// The job's state, folded from its events.
@@ -506,7 +587,8 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<Job>, ApiErro
     responses(
         (status = 200, description = "The job", body = crate::job::state::JobView),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn get_job(
@@ -514,7 +596,99 @@ pub async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(JobView::of(&*find(&state, &caller, &id)?)))
+    Ok(Json(JobView::of(&find(&state, &caller, &id).await?)))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only jobs in this state: `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    #[param(value_type = Option<JobState>)]
+    state: Option<String>,
+    /// Jobs per page, from 1 to 200 (50 by default).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
+    limit: Option<String>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
+}
+
+/// Jobs per page of `GET /jobs` unless `?limit=` says otherwise, and the most it may say.
+pub const DEFAULT_PAGE: usize = 50;
+pub const MAX_PAGE: usize = 200;
+
+/// Jobs newest first: the caller's own (every job for an admin key, or when the API is open).
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "jobs",
+    params(ListParams),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses(
+        (status = 200, description = "One page of jobs", body = super::openapi::JobList),
+        (status = 400, description = "A bad `state`, `limit` or `cursor`", body = super::openapi::ErrorBody),
+        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
+        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+    )
+)]
+pub async fn list_jobs(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let job_state = match params.state.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(JobState::parse(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_state",
+                "`state` must be queued, running, succeeded, failed or cancelled",
+            )
+        })?),
+    };
+    let limit = match params.limit.as_deref() {
+        None | Some("") => DEFAULT_PAGE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("`limit` must be a whole number from 1 to {MAX_PAGE}"),
+                )
+            })?,
+    };
+    let before = match params.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(decode_cursor(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_cursor",
+                "`cursor` must be a `next_cursor` from an earlier page",
+            )
+        })?),
+    };
+    let query = ListQuery {
+        visible_to: if caller.admin {
+            None
+        } else {
+            caller.key_id.clone()
+        },
+        state: job_state,
+        before,
+        limit: limit + 1,
+    };
+    let mut jobs = state
+        .registry
+        .list(&query)
+        .await
+        .map_err(|e| store_error(&e))?;
+    let next_cursor = if jobs.len() > limit {
+        jobs.truncate(limit);
+        jobs.last().map(|j| encode_cursor(j.created_at, &j.id))
+    } else {
+        None
+    };
+    let views: Vec<JobView> = jobs.iter().map(JobView::of).collect();
+    Ok(Json(json!({"jobs": views, "next_cursor": next_cursor})))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -541,7 +715,8 @@ pub struct EventsQuery {
         (status = 204, description = "The job is over and nothing is left after the resume point"),
         (status = 400, description = "The resume point is not an event id", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_events(
@@ -551,7 +726,7 @@ pub async fn job_events(
     Query(query): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &caller, &id)?;
+    let job = find(&state, &caller, &id).await?;
     let header_value = headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("?").trim().to_owned());
@@ -567,12 +742,13 @@ pub async fn job_events(
     };
     // A finished job with nothing after the resume point answers at once; 204 is also what tells a
     // browser's EventSource to stop reconnecting after the stream it had ended with `Done`.
-    if job.log().is_exhausted_after(after) {
-        return Ok((StatusCode::NO_CONTENT, job_id_header(&job)).into_response());
+    if job.is_finished() && after >= job.last_seq {
+        return Ok((StatusCode::NO_CONTENT, job_id_header(&job.id)).into_response());
     }
+    let log = state.registry.log(&job.id);
     Ok((
-        job_id_header(&job),
-        sse::stream(job.log(), after, state.registry.stopped()),
+        job_id_header(&job.id),
+        sse::stream(&log, after, state.registry.stopped()),
     )
         .into_response())
 }
@@ -590,7 +766,8 @@ pub async fn job_events(
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody)
+        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
+        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn create_events_token(
@@ -599,13 +776,13 @@ pub async fn create_events_token(
     Extension(tokens): Extension<Arc<EventTokens>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = find(&state, &caller, &id)?;
-    let (token, expires_at) = tokens.mint(job.id(), &caller, std::time::SystemTime::now());
+    let job = find(&state, &caller, &id).await?;
+    let (token, expires_at) = tokens.mint(&job.id, &caller, std::time::SystemTime::now());
     Ok(Json(json!({
         "token": token,
         "expires_at": expires_at,
         "expires_in": events_token::TTL.as_secs(),
-        "events_url": format!("/jobs/{}/events?token={token}", job.id()),
+        "events_url": format!("/jobs/{}/events?token={token}", job.id),
     })))
 }
 
@@ -621,7 +798,8 @@ pub async fn create_events_token(
             headers(("X-Patch-Truncated" = Option<String>, description = "`true` when the patch was cut at 8 MiB"))),
         (status = 409, description = "The agent has not finished yet", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_patch(
@@ -629,18 +807,23 @@ pub async fn job_patch(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &caller, &id)?;
-    match job.patch() {
+    let job = find(&state, &caller, &id).await?;
+    let patch = state
+        .registry
+        .patch(&job.id)
+        .await
+        .map_err(|e| store_error(&e))?;
+    match patch {
         Some((patch, truncated)) => {
             let mut response = (
                 [(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/x-diff; charset=utf-8"),
                 )],
-                patch.clone(),
+                patch,
             )
                 .into_response();
-            if *truncated {
+            if truncated {
                 response
                     .headers_mut()
                     .insert("x-patch-truncated", HeaderValue::from_static("true"));
@@ -669,7 +852,8 @@ pub async fn job_patch(
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 409, description = "The job has already finished", body = super::openapi::ErrorBody),
         (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
+        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn cancel_job(
@@ -677,20 +861,27 @@ pub async fn cancel_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &caller, &id)?;
-    if job.is_finished() {
-        return Err(ApiError::new(
+    let job = find(&state, &caller, &id).await?;
+    let finished = || {
+        ApiError::new(
             StatusCode::CONFLICT,
             "job_finished",
             "the job has already finished",
-        ));
+        )
+    };
+    if job.is_finished() {
+        return Err(finished());
     }
-    job.cancel();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"job_id": job.id(), "state": "cancelling"})),
-    )
-        .into_response())
+    match state.registry.cancel(&job.id).await {
+        Ok(CancelOutcome::Cancelling) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"job_id": job.id, "state": "cancelling"})),
+        )
+            .into_response()),
+        Ok(CancelOutcome::AlreadyFinished) => Err(finished()),
+        Ok(CancelOutcome::NotFound) => Err(ApiError::not_found("no such job")),
+        Err(err) => Err(store_error(&err)),
+    }
 }
 
 #[cfg(test)]

@@ -57,8 +57,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>, request: Request) -> Re
             "METRICS_TOKEN or an API key is required (Authorization: Bearer <token>)",
         );
     }
-    let (running, queued) = state.registry.load();
-    crate::telemetry::jobs_now(running, queued);
+    let load = state.registry.load().await;
+    crate::telemetry::jobs_now(load.running, load.queued);
     crate::telemetry::cleanup_pending(state.registry.cleanup_pending());
     (
         StatusCode::OK,

@@ -53,7 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let cors = cors_layer(&state.cors_origins);
     let protected = Router::new()
         .route("/code", post(handlers::code))
-        .route("/jobs", post(handlers::create_job))
+        .route("/jobs", post(handlers::create_job).get(handlers::list_jobs))
         .route(
             "/jobs/{id}",
             get(handlers::get_job).delete(handlers::cancel_job),
@@ -130,7 +130,11 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
                 header::CONTENT_TYPE,
                 HeaderName::from_static("x-api-key"),
                 HeaderName::from_static("last-event-id"),
+                HeaderName::from_static("idempotency-key"),
             ])
-            .expose_headers([HeaderName::from_static("x-job-id")]),
+            .expose_headers([
+                HeaderName::from_static("x-job-id"),
+                HeaderName::from_static("idempotent-replayed"),
+            ]),
     )
 }

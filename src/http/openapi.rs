@@ -39,6 +39,14 @@ pub struct JobCreated {
     pub status_url: String,
 }
 
+/// `GET /jobs`'s answer: one page, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+    /// Pass it as `?cursor=` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
 /// `DELETE /jobs/{id}`'s answer: the job stops at its next await point and ends with
 /// `Done{status:"cancelled"}`.
 #[derive(Serialize, ToSchema)]
@@ -94,23 +102,31 @@ pub struct EventsToken {
     pub events_url: String,
 }
 
-/// `GET /healthz`: the backends in use.
+/// `GET /healthz`: the backends in use, and whether the job store answers.
 #[derive(Serialize, ToSchema)]
 pub struct Health {
-    /// Always `ok`.
+    /// `ok`, or `unavailable` (with a 503) when the job store cannot be reached.
     pub status: String,
+    /// Why the job store cannot be reached; only when `status` is `unavailable`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+    /// `sqlite` or `postgres`.
+    pub store: String,
     /// `local` or `e2b`.
     pub sandbox: String,
-    /// `namespaces`, `landlock` or `none` for the local sandbox; `vm` for E2B.
-    pub isolation: String,
+    /// `namespaces`, `landlock` or `none` for the local sandbox; `vm` for E2B; `null` when the
+    /// local sandbox runs without confinement checks (tests).
+    pub isolation: Option<String>,
     /// `cgroup2`, `cgroup1` or `rlimits` for the local sandbox; `vm` for E2B.
-    pub limits: String,
+    pub limits: Option<String>,
     /// The model providers, in fallback order.
     pub agents: Vec<String>,
     /// `github` or `none`.
     pub forge: String,
     /// Sandboxes whose kill is still being retried.
     pub cleanup_pending: u64,
+    /// Whether the other routes need an API key.
+    pub auth: bool,
 }
 
 #[derive(OpenApi)]
@@ -124,6 +140,7 @@ pub struct Health {
         super::handlers::healthz,
         super::handlers::code,
         super::handlers::create_job,
+        super::handlers::list_jobs,
         super::handlers::get_job,
         super::handlers::job_events,
         super::handlers::job_patch,
@@ -137,6 +154,7 @@ pub struct Health {
     components(schemas(
         super::handlers::JobBody,
         JobCreated,
+        JobList,
         EventsToken,
         Cancelling,
         Health,

@@ -12,7 +12,7 @@ pub mod step;
 
 pub use crate::event::{Event, EventKind};
 pub use log::{EventLog, Sequenced};
-pub use registry::{Job, JobRegistry, JobRequest, Limits, SubmitError};
+pub use registry::{CancelOutcome, Job, JobHandle, JobRegistry, JobRequest, Limits, SubmitError};
 
 use crate::redact::Redactor;
 
@@ -58,7 +58,8 @@ impl Emitter {
         self.log.append(kind)
     }
 
-    fn scrub(&self, kind: EventKind) -> EventKind {
+    /// The event as it may be shown: configured secrets replaced.
+    pub fn scrub(&self, kind: EventKind) -> EventKind {
         if self.redactor.is_empty() {
             return kind;
         }

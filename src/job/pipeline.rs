@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{Either, select};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,6 +37,7 @@ use crate::forge::policy::CommitPolicy;
 use crate::forge::{ChangeSet, Forge, Forges, PublishMode, PullRequestDraft, RepoInfo};
 use crate::redact::Redactor;
 use crate::sandbox::{CloneSpec, Cloned, Sandbox, SandboxProvider};
+use crate::store::Resource;
 
 /// Everything a job needs from the outside, built once from the configuration.
 pub struct Backends {
@@ -122,25 +122,30 @@ impl Observer for JobObserver {
     }
 }
 
-/// Runs the job after it left the queue. Always appends `Done`.
+/// Why the job's cancel switch fired: a cancel, or a stop with a reason (the store failed, the
+/// job was lost).
+fn interrupted(job: &Job) -> Failure {
+    match job.stop_reason() {
+        Some(err) => Failure::Failed(err),
+        None => Failure::Cancelled,
+    }
+}
+
+/// Runs the job once this instance has claimed it (a slot is free). Always appends `Done`.
 pub async fn run(
     job: Arc<Job>,
     backends: Arc<Backends>,
     cancel: CancellationToken,
-    slots: Arc<Semaphore>,
     cleaner: Arc<Cleaner>,
 ) {
     let started = job.started_at();
     let events = job.events();
-    // Waiting in the queue counts towards neither the job timeout nor any step.
-    let permit = tokio::select! {
-        permit = slots.acquire_owned() => permit.ok(),
-        _ = cancel.cancelled() => None,
-    };
-    let Some(_permit) = permit else {
-        finish(&job, Err(Failure::Cancelled));
+    // Cancelled while it waited in the queue: nothing ran.
+    if cancel.is_cancelled() {
+        finish(&job, Err(interrupted(&job)));
         return;
-    };
+    }
+    // Waiting in the queue counts towards neither the job timeout nor any step.
     events.emit(EventKind::Status {
         step: Step::Queue,
         state: StepState::Succeeded,
@@ -165,7 +170,7 @@ pub async fn run(
                 })),
             }
         }
-        _ = cancel.cancelled() => Err(Failure::Cancelled),
+        _ = cancel.cancelled() => Err(interrupted(&job)),
     };
     if let Err(Failure::Failed(err)) = &result {
         if err.code == ErrorCode::Timeout {
@@ -179,7 +184,7 @@ pub async fn run(
             retryable: err.retryable,
         });
     }
-    cleanup(&job, &lease, &cleaner).await;
+    cleanup(&job, &lease, &cleaner, backends.sandbox.name()).await;
     finish(&job, result);
 }
 
@@ -224,6 +229,17 @@ async fn work(
         }
     };
     let (sandbox, ready_at) = step.check(ready)?;
+    // A sandbox that outlives this process is recorded before it is used, so that it can be
+    // killed if the process dies.
+    if let Some(id) = sandbox.resource_id() {
+        job.log().record_resource(Resource {
+            kind: "sandbox".into(),
+            backend: b.sandbox.name().into(),
+            external_id: id,
+            released: false,
+        });
+        job.log().flushed().await;
+    }
     step.succeed_at(ready_at, format!("{} sandbox ready", b.sandbox.name()));
 
     let mut step = StepRun::begin(
@@ -332,6 +348,10 @@ async fn run_agent(
         b.redactor.clone(),
     );
     let outcome = step.check(runner.run(transcript).instrument(step.span()).await)?;
+    // Kept so that a later request can continue the conversation.
+    if let Ok(json) = serde_json::to_string(&outcome.transcript) {
+        job.log().set_transcript(job.events().redact(&json));
+    }
     let message = match &outcome.end {
         AgentEnd::Finished => "The agent finished".to_owned(),
         AgentEnd::Stopped => "The agent stopped without calling finish".to_owned(),
@@ -404,6 +424,12 @@ async fn publish(
             .await,
     )?;
     job.progress().branch = Some(pushed.branch.clone());
+    job.log().record_resource(Resource {
+        kind: "branch".into(),
+        backend: forge.name().into(),
+        external_id: pushed.branch.clone(),
+        released: false,
+    });
     step.succeed(format!(
         "Committed {} as {} on branch {}",
         plural(files_changed, "file"),
@@ -492,7 +518,7 @@ async fn salvage(job: &Job, b: &Backends, lease: &SandboxLease) {
 
 /// Destroys the sandbox. A kill that fails or times out hands the sandbox to the cleaner, which
 /// keeps trying after the job has ended.
-async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner) {
+async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner, backend: &str) {
     let events = job.events();
     let Some(guard) = lease.release(CREATION_WAIT).await else {
         skipped(events, Step::Cleanup, "no sandbox to clean up");
@@ -504,18 +530,27 @@ async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner) {
     };
     let mut step = StepRun::begin(events, Step::Cleanup, "Destroying the sandbox");
     // Cleanup must finish even when the job itself was cancelled or timed out.
-    let outcome =
-        match tokio::time::timeout(KILL_TIMEOUT, guard.kill().instrument(step.span())).await {
-            Ok(Ok(())) => return step.succeed("Sandbox destroyed"),
-            Ok(Err(err)) => JobError::new(
-                err.code(),
-                format!("Sandbox cleanup failed: {err}; retrying in the background"),
-            ),
-            Err(_) => JobError::new(
-                ErrorCode::SandboxTransport,
-                "Sandbox cleanup timed out; retrying in the background",
-            ),
-        };
+    let outcome = match tokio::time::timeout(KILL_TIMEOUT, guard.kill().instrument(step.span())).await {
+        Ok(Ok(())) => {
+            if let Some(id) = sandbox.resource_id() {
+                job.log().record_resource(Resource {
+                    kind: "sandbox".into(),
+                    backend: backend.into(),
+                    external_id: id,
+                    released: true,
+                });
+            }
+            return step.succeed("Sandbox destroyed");
+        }
+        Ok(Err(err)) => JobError::new(
+            err.code(),
+            format!("Sandbox cleanup failed: {err}; retrying in the background"),
+        ),
+        Err(_) => JobError::new(
+            ErrorCode::SandboxTransport,
+            "Sandbox cleanup timed out; retrying in the background",
+        ),
+    };
     tracing::error!(error = %outcome.message, "sandbox cleanup failed");
     cleaner.hand_over(job.id(), sandbox);
     step.fail(outcome);

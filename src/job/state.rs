@@ -1,20 +1,12 @@
 //! `GET /jobs/{id}`: the job's state, folded from its event log (the single source of truth) as
-//! each event is appended, so reading it never walks or copies the log.
+//! each event is appended, and stored with the events that changed it, so reading it never walks
+//! or copies the log.
 
 use serde::Serialize;
 
-use super::registry::Job;
 use crate::event::{DoneStatus, ErrorInfo, Event, EventKind, FileSummary, Step, StepState, Usage};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
+pub use crate::store::JobState;
+use crate::store::{JobRecord, JobResult};
 
 /// What the events have said about the job so far.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +37,53 @@ impl Default for Summary {
 }
 
 impl Summary {
+    /// The state as stored: the lists as the JSON the wire carries.
+    pub fn to_result(&self) -> JobResult {
+        JobResult {
+            state: Some(self.state),
+            finished_at: self.finished_at,
+            pr_url: self.pr_url.clone(),
+            branch: self.branch.clone(),
+            summary: self.summary.clone(),
+            files: self
+                .files
+                .as_ref()
+                .and_then(|f| serde_json::to_string(f).ok()),
+            usage: self
+                .usage
+                .as_ref()
+                .and_then(|u| serde_json::to_string(u).ok()),
+            error: self
+                .error
+                .as_ref()
+                .and_then(|e| serde_json::to_string(e).ok()),
+        }
+    }
+
+    /// The state a stored job's events led to. A list that does not read back is left out.
+    pub fn from_record(record: &JobRecord) -> Summary {
+        let r = &record.result;
+        Summary {
+            state: record.state,
+            finished_at: r.finished_at,
+            pr_url: r.pr_url.clone(),
+            branch: r.branch.clone(),
+            summary: r.summary.clone(),
+            files: r
+                .files
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+            usage: r
+                .usage
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+            error: r
+                .error
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+        }
+    }
+
     /// Folds one more event in.
     pub fn apply(&mut self, event: &Event) {
         match &event.kind {
@@ -128,14 +167,14 @@ pub struct JobView {
 }
 
 impl JobView {
-    pub fn of(job: &Job) -> Self {
-        let s = job.log().summary();
+    pub fn of(record: &JobRecord) -> Self {
+        let s = Summary::from_record(record);
         JobView {
-            job_id: job.id().to_owned(),
+            job_id: record.id.clone(),
             state: s.state,
-            repo_url: job.request().repo.canonical(),
-            prompt: job.request().prompt.clone(),
-            created_at: job.created_at_ms(),
+            repo_url: record.repo_url.clone(),
+            prompt: record.prompt.clone(),
+            created_at: record.created_at,
             finished_at: s.finished_at,
             pr_url: s.pr_url,
             branch: s.branch,

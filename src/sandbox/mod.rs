@@ -236,6 +236,11 @@ pub trait Sandbox: Send + Sync {
     async fn list_dir(&self, path: &RepoPath, depth: u32) -> Result<Vec<DirEntry>, SandboxError>;
     /// Destroys the sandbox and everything running in it.
     async fn kill(&self) -> Result<(), SandboxError>;
+    /// The id the backend knows the sandbox by, when it outlives this process (an E2B sandbox):
+    /// the job store records it so the sandbox can be killed after a crash.
+    fn resource_id(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Creates one sandbox per job.
@@ -251,6 +256,11 @@ pub trait SandboxProvider: Send + Sync {
     /// or `rlimits` for the local backend, `vm` where each sandbox is a machine with its own.
     fn limits(&self) -> &'static str;
     async fn create(&self, job_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError>;
+    /// Kills a sandbox a lost process created, by its [`Sandbox::resource_id`]. Backends whose
+    /// sandboxes die with the process (the local one) have nothing to do.
+    async fn reclaim(&self, _resource_id: &str) -> Result<(), SandboxError> {
+        Ok(())
+    }
 }
 
 /// Owns a sandbox and kills it when dropped, so that a panic or a cancelled task cannot leak it.

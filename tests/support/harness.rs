@@ -18,11 +18,12 @@ use tiny_backspace::forge::local::LocalForge;
 use tiny_backspace::forge::policy::CommitPolicy;
 use tiny_backspace::forge::{Forge, Forges};
 use tiny_backspace::job::pipeline::Backends;
-use tiny_backspace::job::{Job, JobRegistry, JobRequest, Limits};
+use tiny_backspace::job::{JobHandle, JobRegistry, JobRequest, Limits};
 use tiny_backspace::redact::Redactor;
 use tiny_backspace::repo::RepoRef;
 use tiny_backspace::sandbox::SandboxProvider;
 use tiny_backspace::sandbox::local::{LocalConfig, LocalProvider};
+use tiny_backspace::store::JobStore;
 
 pub fn launcher() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiny-backspace"))
@@ -85,6 +86,8 @@ pub struct HarnessOptions {
     pub max_change_bytes: u64,
     /// Provider retries (none by default, so faults show at once).
     pub retry: RetryPolicy,
+    /// The job store; an in-memory SQLite database by default.
+    pub store: Option<Arc<dyn JobStore>>,
 }
 
 impl Default for HarnessOptions {
@@ -102,8 +105,16 @@ impl Default for HarnessOptions {
                 max_retries: 0,
                 ..RetryPolicy::default()
             },
+            store: None,
         }
     }
+}
+
+/// A fresh in-memory job store.
+pub async fn memory_store() -> Arc<dyn JobStore> {
+    tiny_backspace::store::open("sqlite::memory:")
+        .await
+        .expect("in-memory store")
 }
 
 impl Harness {
@@ -128,15 +139,22 @@ impl Harness {
             clone_timeout: Duration::from_secs(60),
             max_change_bytes: options.max_change_bytes,
         };
+        let store = match options.store {
+            Some(store) => store,
+            None => memory_store().await,
+        };
         Self {
-            registry: JobRegistry::new(Arc::new(backends), options.limits),
+            registry: JobRegistry::start(Arc::new(backends), options.limits, store)
+                .await
+                .expect("registry starts"),
             workspaces,
         }
     }
 
-    pub fn submit(&self, repo: &Path, prompt: &str) -> Arc<Job> {
+    pub async fn submit(&self, repo: &Path, prompt: &str) -> JobHandle {
         self.registry
             .submit(request(repo, prompt))
+            .await
             .expect("job accepted")
     }
 
@@ -161,7 +179,7 @@ pub fn request(repo: &Path, prompt: &str) -> JobRequest {
 }
 
 /// Waits for the job's `Done` (bounded) and returns every event.
-pub async fn events_of(job: &Job) -> Vec<Event> {
+pub async fn events_of(job: &JobHandle) -> Vec<Event> {
     tokio::time::timeout(
         Duration::from_secs(120),
         job.log().follow(0).map(|s| s.event).collect::<Vec<_>>(),

@@ -11,3 +11,4 @@ pub mod harness;
 pub mod python;
 pub mod serve;
 pub mod soak;
+pub mod stores;

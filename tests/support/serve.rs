@@ -24,6 +24,8 @@ pub fn serve_with(mut command: Command, envs: &[(&str, &str)]) -> (std::process:
     let mut child = command
         .args(["serve"])
         .env("PORT", "0")
+        // Each server its own database unless the test names one.
+        .env("DATABASE_URL", "sqlite::memory:")
         .envs(envs.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

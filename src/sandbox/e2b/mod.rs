@@ -305,8 +305,7 @@ impl E2bProvider {
         E2bProvider { config, clients }
     }
 
-    /// Like [`SandboxProvider::create`], with the concrete type (tests and tools use its extras).
-    pub async fn create_sandbox(&self, job_id: &str) -> Result<Arc<E2bSandbox>, SandboxError> {
+    fn control_plane(&self) -> Result<(ControlPlane, &Clients), SandboxError> {
         let clients = self
             .clients
             .as_ref()
@@ -317,6 +316,12 @@ impl E2bProvider {
             key: self.config.api_key.clone(),
             timing: self.config.timing.clone(),
         };
+        Ok((api, clients))
+    }
+
+    /// Like [`SandboxProvider::create`], with the concrete type (tests and tools use its extras).
+    pub async fn create_sandbox(&self, job_id: &str) -> Result<Arc<E2bSandbox>, SandboxError> {
+        let (api, clients) = self.control_plane()?;
         let created = api
             .create(&self.config.template, self.config.sandbox_ttl, job_id)
             .await?;
@@ -394,6 +399,22 @@ impl SandboxProvider for E2bProvider {
         let sandbox: Arc<dyn Sandbox> = self.create_sandbox(job_id).await?;
         crate::telemetry::sandbox_created("e2b");
         Ok(sandbox)
+    }
+
+    async fn reclaim(&self, resource_id: &str) -> Result<(), SandboxError> {
+        let valid = !resource_id.is_empty()
+            && resource_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(SandboxError::NotFound(format!(
+                "`{resource_id}` is not an E2B sandbox id"
+            )));
+        }
+        let (api, _) = self.control_plane()?;
+        let existed = api.kill(resource_id).await?;
+        tracing::info!(sandbox_id = %resource_id, existed, "E2B sandbox of a lost job killed");
+        Ok(())
     }
 }
 
@@ -777,6 +798,10 @@ impl Sandbox for E2bSandbox {
                 retryable: true,
             }),
         }
+    }
+
+    fn resource_id(&self) -> Option<String> {
+        Some(self.id.clone())
     }
 }
 
