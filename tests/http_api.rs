@@ -402,6 +402,21 @@ async fn unknown_routes_jobs_and_methods_get_json_errors() {
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
         ),
+        // A repeated query parameter is the API's JSON error too, not axum's plain text.
+        (
+            Request::get("/jobs?state=queued&state=failed")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            Request::get("/jobs/unknown/events?after=1&after=2")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
     ];
     for (request, status, code) in cases {
         let (got, _, bytes) = send(&api.app, request).await;

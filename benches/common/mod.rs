@@ -81,7 +81,11 @@ pub async fn run_dummy_job(registry: &Arc<JobRegistry>, repo: &Path) -> Duration
 
 /// `POST /code` through the real router until `Job Started` is on the socket, `runs` times; each
 /// sample starts once the job before has finished, so none queues.
-pub async fn time_to_first_event(registry: Arc<JobRegistry>, repo: &Path, runs: usize) -> Vec<Duration> {
+pub async fn time_to_first_event(
+    registry: Arc<JobRegistry>,
+    repo: &Path,
+    runs: usize,
+) -> Vec<Duration> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let state = Arc::new(AppState {
         registry: registry.clone(),

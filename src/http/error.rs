@@ -43,3 +43,25 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// `axum::extract::Query` whose rejection (a repeated or malformed parameter) is this API's JSON
+/// error, `400 invalid_query`, rather than axum's plain text.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for QueryParams<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(params)| Self(params))
+            .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+    }
+}

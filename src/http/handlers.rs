@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::events_token::{self, EventTokens};
-use super::{ApiError, AppState, sse};
+use super::{ApiError, AppState, QueryParams, sse};
 use crate::job::state::{JobState, JobView};
 use crate::job::{CancelOutcome, JobHandle, JobRequest, SubmitError};
 use crate::store::{JobRecord, ListQuery, StoreError, decode_cursor, encode_cursor};
@@ -633,7 +633,7 @@ pub const MAX_PAGE: usize = 200;
 pub async fn list_jobs(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
-    Query(params): Query<ListParams>,
+    QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
     let job_state = match params.state.as_deref() {
         None | Some("") => None,
@@ -723,7 +723,7 @@ pub async fn job_events(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
+    QueryParams(query): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job = find(&state, &caller, &id).await?;

@@ -19,7 +19,7 @@ use axum::{Extension, Router};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-pub use error::ApiError;
+pub use error::{ApiError, QueryParams};
 pub use server::{EdgeLimits, raise_descriptor_limit, serve};
 pub use sse::sse_frame;
 

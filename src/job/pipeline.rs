@@ -530,27 +530,28 @@ async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner, backend: &s
     };
     let mut step = StepRun::begin(events, Step::Cleanup, "Destroying the sandbox");
     // Cleanup must finish even when the job itself was cancelled or timed out.
-    let outcome = match tokio::time::timeout(KILL_TIMEOUT, guard.kill().instrument(step.span())).await {
-        Ok(Ok(())) => {
-            if let Some(id) = sandbox.resource_id() {
-                job.log().record_resource(Resource {
-                    kind: "sandbox".into(),
-                    backend: backend.into(),
-                    external_id: id,
-                    released: true,
-                });
+    let outcome =
+        match tokio::time::timeout(KILL_TIMEOUT, guard.kill().instrument(step.span())).await {
+            Ok(Ok(())) => {
+                if let Some(id) = sandbox.resource_id() {
+                    job.log().record_resource(Resource {
+                        kind: "sandbox".into(),
+                        backend: backend.into(),
+                        external_id: id,
+                        released: true,
+                    });
+                }
+                return step.succeed("Sandbox destroyed");
             }
-            return step.succeed("Sandbox destroyed");
-        }
-        Ok(Err(err)) => JobError::new(
-            err.code(),
-            format!("Sandbox cleanup failed: {err}; retrying in the background"),
-        ),
-        Err(_) => JobError::new(
-            ErrorCode::SandboxTransport,
-            "Sandbox cleanup timed out; retrying in the background",
-        ),
-    };
+            Ok(Err(err)) => JobError::new(
+                err.code(),
+                format!("Sandbox cleanup failed: {err}; retrying in the background"),
+            ),
+            Err(_) => JobError::new(
+                ErrorCode::SandboxTransport,
+                "Sandbox cleanup timed out; retrying in the background",
+            ),
+        };
     tracing::error!(error = %outcome.message, "sandbox cleanup failed");
     cleaner.hand_over(job.id(), sandbox);
     step.fail(outcome);
