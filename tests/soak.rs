@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::join_all;
+use serde_json::Value;
 use support::faults::{Draw, FaultPlan, Injected};
 use support::soak::{self, Fakes, Server, SoakConfig};
 
@@ -78,9 +79,10 @@ fn fault_draws_depend_on_the_seed_the_route_and_the_ordinal_only() {
     assert!((0..20).all(|_| scaled.draw("a").fault == Some(Injected::CloseAfter)));
 }
 
-/// SIGTERM while jobs run under faults: every stream still ends with exactly one `Done` (the
-/// jobs in flight and those queued are cancelled), and every sandbox is killed before the
-/// process exits; none is left to expire.
+/// SIGTERM while jobs run under faults: every running job ends with exactly one `Done`
+/// (cancelled, or finished), and every sandbox is killed before the process exits; none is left
+/// to expire. Jobs still queued stay queued in the store: the restarted server runs them, and
+/// their streams, resumed with `Last-Event-ID`, go on from where they stopped to one `Done`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_in_the_middle_of_a_soak_ends_every_job_and_kills_every_sandbox() {
     let seed = 7;
@@ -105,7 +107,7 @@ async fn sigterm_in_the_middle_of_a_soak_ends_every_job_and_kills_every_sandbox(
         }
         server.sigterm();
     };
-    let (runs, ()) = tokio::join!(jobs, signal);
+    let (mut runs, ()) = tokio::join!(jobs, signal);
     let status = server.wait_exit(Duration::from_secs(90));
     // The moment the process is gone: nothing alive at E2B, and nothing left to its lifetime.
     let live = fakes.e2b.live_sandboxes();
@@ -117,11 +119,39 @@ async fn sigterm_in_the_middle_of_a_soak_ends_every_job_and_kills_every_sandbox(
         fakes.e2b.created_sandboxes(),
         "every sandbox was killed by the service"
     );
+    // Every job that had started ended here; the others never left the queue.
+    let mut waiting = 0;
+    for run in runs.iter().filter(|r| r.done().is_none()) {
+        let steps: Vec<&Value> = run.events.iter().map(|e| &e.data["step"]).collect();
+        assert!(
+            steps.iter().all(|s| *s == "queue" || s.is_null()),
+            "job {} stopped mid-way without a Done: {steps:?}",
+            run.index
+        );
+        waiting += 1;
+    }
+    assert!(waiting >= 1, "some jobs were still queued at the signal");
+    assert!(server.leaks.lock().unwrap().is_empty());
+    // The restart runs the queued jobs; their streams resume after the last event they showed.
+    let restarted = Server::start_in(&binary(), &fakes.env(6), server.data());
+    let url = restarted.url("");
+    join_all(
+        runs.iter_mut()
+            .filter(|r| r.done().is_none())
+            .map(|run| soak::resume_job(&client, &url, run, Duration::from_secs(120))),
+    )
+    .await;
     let violations: Vec<String> = runs
         .iter()
         .flat_map(|run| soak::job_violations(run, true))
         .collect();
     assert!(violations.is_empty(), "{violations:#?}");
+    assert_eq!(
+        fakes.e2b.killed_sandboxes(),
+        fakes.e2b.created_sandboxes(),
+        "every sandbox of the restarted server's jobs was killed too"
+    );
+    assert!(restarted.leaks.lock().unwrap().is_empty());
     let cancelled = runs
         .iter()
         .filter(|r| r.done().is_some_and(|d| d["status"] == "cancelled"))
@@ -132,5 +162,4 @@ async fn sigterm_in_the_middle_of_a_soak_ends_every_job_and_kills_every_sandbox(
             .any(|r| r.done().is_some_and(|d| d["status"] == "succeeded")),
         "some jobs finished before the signal"
     );
-    assert!(server.leaks.lock().unwrap().is_empty());
 }

@@ -132,6 +132,7 @@ async fn start_server(workspaces: &Path, envs: &[(&str, &str)]) -> Server {
         .env("ALLOW_LOCAL_REPOS", "true")
         .env("SANDBOX", "local")
         .env("WORKSPACE_DIR", workspaces)
+        .env("DATABASE_URL", "sqlite::memory:")
         .envs(envs.iter().copied())
         // Request spans are logged, so the log would show a token put in a span.
         .env(

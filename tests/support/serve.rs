@@ -4,13 +4,14 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The binary with a clean environment: no keys, so the dummy agent runs.
+/// The binary with a clean environment: no keys, so the dummy agent runs; each server its own
+/// in-memory database unless the test names one (never `./data` in the checkout).
 pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiny-backspace"));
-    // A clean environment: no keys, so the dummy agent runs; workspaces in a temp dir.
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", std::env::temp_dir());
+        .env("HOME", std::env::temp_dir())
+        .env("DATABASE_URL", "sqlite::memory:");
     cmd
 }
 
@@ -24,7 +25,7 @@ pub fn serve_with(mut command: Command, envs: &[(&str, &str)]) -> (std::process:
     let mut child = command
         .args(["serve"])
         .env("PORT", "0")
-        // Each server its own database unless the test names one.
+        // A wrapper (`prlimit`) may have cleared the environment `binary()` sets.
         .env("DATABASE_URL", "sqlite::memory:")
         .envs(envs.iter().copied())
         .stderr(Stdio::piped())

@@ -235,15 +235,29 @@ pub struct Server {
     pub leaks: Arc<Mutex<Vec<String>>>,
     pub log_lines: Arc<AtomicUsize>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// The job store's directory (a SQLite file, as a deployment has); a restarted server is
+    /// given the same one.
+    data: Arc<tempfile::TempDir>,
 }
 
 impl Server {
-    /// Starts `binary serve` with `env` and waits until it listens.
+    /// Starts `binary serve` with `env` and its own data directory, and waits until it listens.
     pub fn start(binary: &PathBuf, env: &[(String, String)]) -> Server {
+        let data = Arc::new(tempfile::tempdir().expect("a data directory"));
+        Self::start_in(binary, env, data)
+    }
+
+    /// [`Server::start`] on an existing data directory: the restart of a server.
+    pub fn start_in(
+        binary: &PathBuf,
+        env: &[(String, String)],
+        data: Arc<tempfile::TempDir>,
+    ) -> Server {
         let mut child = Command::new(binary)
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATA_DIR", data.path())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -290,7 +304,12 @@ impl Server {
             leaks,
             log_lines,
             reader: Some(reader),
+            data,
         }
+    }
+
+    pub fn data(&self) -> Arc<tempfile::TempDir> {
+        self.data.clone()
     }
 
     pub fn pid(&self) -> i32 {
@@ -418,20 +437,50 @@ pub async fn run_job(
         broken: None,
         leaks: 0,
     };
+    let response = client
+        .post(format!("{server_url}/code"))
+        .bearer_auth(SERVICE_KEY)
+        .json(&body)
+        .send();
+    read_stream(&mut run, response, limit).await;
+    run
+}
+
+/// Follows a job whose stream ended early (its server stopped) from its last event on, with
+/// `Last-Event-ID`, appending what comes to `run`.
+pub async fn resume_job(
+    client: &reqwest::Client,
+    server_url: &str,
+    run: &mut JobRun,
+    limit: Duration,
+) {
+    let id = run.job_id.clone().unwrap_or_default();
+    let last = run.events.last().and_then(|e| e.id).unwrap_or(0);
+    run.broken = None;
+    let response = client
+        .get(format!("{server_url}/jobs/{id}/events"))
+        .bearer_auth(SERVICE_KEY)
+        .header("last-event-id", last.to_string())
+        .send();
+    read_stream(run, response, limit).await;
+}
+
+/// Reads an event stream to its end into `run`.
+async fn read_stream(
+    run: &mut JobRun,
+    response: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    limit: Duration,
+) {
     let read = async {
-        let response = client
-            .post(format!("{server_url}/code"))
-            .bearer_auth(SERVICE_KEY)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("POST /code: {e}"))?;
+        let response = response.await.map_err(|e| format!("request: {e}"))?;
         run.status = response.status().as_u16();
-        run.job_id = response
+        if let Some(id) = response
             .headers()
             .get("x-job-id")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        {
+            run.job_id = Some(id.to_owned());
+        }
         let mut stream = response.bytes_stream();
         let mut buffer: Vec<u8> = Vec::new();
         while let Some(chunk) = stream.next().await {
@@ -464,7 +513,6 @@ pub async fn run_job(
         Ok(Err(e)) => run.broken = Some(e),
         Err(_) => run.broken = Some(format!("no end within {} s", limit.as_secs())),
     }
-    run
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
