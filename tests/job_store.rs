@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 use support::fake_e2b::{FakeE2b, Fault};
+use support::faults::{FaultPlan, Injected};
 use support::harness::{Harness, HarnessOptions, Scripted, Step, git, repo_with};
 use support::stores::{Backend, Server, TestDb, client, eventually, post_job, read_events};
 use tiny_backspace::http::{AppState, router};
@@ -43,6 +44,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     events_state_and_patch_survive_sigkill_and_restart,
     a_job_left_running_by_a_killed_process_ends_with_instance_lost,
+    a_sandbox_kill_left_pending_by_a_killed_process_is_finished_by_the_next,
     the_same_idempotency_key_returns_the_same_job,
     get_jobs_pages_newest_first_and_shows_each_key_its_own,
     a_job_whose_database_goes_away_ends_once_it_is_back,
@@ -206,6 +208,82 @@ async fn a_job_left_running_by_a_killed_process_ends_with_instance_lost(backend:
         },
     )
     .await;
+}
+
+/// A job whose sandbox kill keeps failing leaves it with the cleaner; the process is then killed
+/// with SIGKILL. The next process finds the kill pending in the store, kills the sandbox by its
+/// recorded id once E2B answers again, and records it released.
+async fn a_sandbox_kill_left_pending_by_a_killed_process_is_finished_by_the_next(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let fake = FakeE2b::start().await;
+    fake.set_fault_plan(Arc::new(FaultPlan::new(1).rule(
+        "e2b.kill",
+        1.0,
+        Injected::Status(502),
+    )));
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let env = e2b_env(&fake, &db, "2");
+    let mut first = Server::start(&as_refs(&env));
+    let id = post_job(
+        &first,
+        &json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"}),
+    )
+    .await;
+    let events = read_events(&first, &id, 0, MAX).await;
+    let cleanup: Vec<&Value> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["type"] == "Status" && e["step"] == "cleanup")
+        .collect();
+    assert_eq!(cleanup.last().unwrap()["state"], "failed", "{cleanup:?}");
+    assert_eq!(types(&events).last().unwrap(), "Done");
+    let (_, health) = get_json(&first, "/healthz").await;
+    assert_eq!(health["cleanup_pending"], 1);
+    first.kill();
+    assert_eq!(fake.live_sandboxes(), 1, "the sandbox outlived its process");
+
+    // E2B answers again; the next process takes the kill over.
+    fake.set_fault_plan(Arc::new(FaultPlan::new(1)));
+    let mut second = Server::start(&as_refs(&env));
+    eventually(
+        "the pending kill is carried out",
+        Duration::from_secs(30),
+        || {
+            let done = fake.live_sandboxes() == 0 && fake.killed_sandboxes() == 1;
+            async move { done }
+        },
+    )
+    .await;
+    let health_url = second.url("/healthz");
+    eventually(
+        "the cleaner has nothing left",
+        Duration::from_secs(10),
+        || {
+            let url = health_url.clone();
+            async move {
+                let health: Value = client()
+                    .get(url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                health["cleanup_pending"] == 0
+            }
+        },
+    )
+    .await;
+    assert_eq!(fake.expired_sandboxes(), 0);
+    second.kill();
+    // Recorded as released: a third process would find nothing to kill.
+    let store = db.open().await;
+    assert_eq!(store.unreleased_sandboxes(10).await.unwrap(), vec![]);
+    let resources = store.resources(&id).await.unwrap();
+    assert!(
+        resources.iter().any(|r| r.kind == "sandbox" && r.released),
+        "{resources:?}"
+    );
 }
 
 /// Two `serve` processes on one PostgreSQL: 20 jobs submitted to each in turn all finish, each
@@ -696,6 +774,19 @@ impl tiny_backspace::store::JobStore for Flaky {
     }
     async fn resources(&self, id: &str) -> Result<Vec<store::Resource>, StoreError> {
         self.inner.resources(id).await
+    }
+    async fn unreleased_sandboxes(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, store::Resource)>, StoreError> {
+        self.inner.unreleased_sandboxes(limit).await
+    }
+    async fn mark_released(
+        &self,
+        job_id: &str,
+        resource: &store::Resource,
+    ) -> Result<(), StoreError> {
+        self.inner.mark_released(job_id, resource).await
     }
     async fn claim_next(
         &self,

@@ -225,7 +225,7 @@ async fn the_page_runs_follows_resumes_and_cancels_jobs_in_a_real_browser() {
         server.log.lock().unwrap()
     );
     let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("ok - ")).collect();
-    assert_eq!(checks.len(), 9, "{stdout}");
+    assert_eq!(checks.len(), 10, "{stdout}");
     let result = |name: &str| {
         stdout
             .lines()

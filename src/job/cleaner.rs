@@ -4,10 +4,10 @@
 //! already-gone sandbox counts as killed) or `GIVE_UP_AFTER` has passed. `/healthz` reports how
 //! many are pending.
 //!
-//! Pending kills live in this process only: a process that dies with some pending leaves those
-//! sandboxes to their E2B lifetime. Once the durable job store exists (issue 11), `hand_over` is
-//! where a pending cleanup gets recorded (and removed when the kill succeeds), and start-up is
-//! where a new process takes over the ones it finds.
+//! A pending kill is durable: the job store holds the sandbox as a resource not yet released, and
+//! a confirmed kill marks it released. A process that stops with kills pending leaves them in the
+//! store, and the next one to start takes them over by the sandbox's id
+//! ([`super::JobRegistry::start`]), so a crash never leaves a sandbox to its lifetime.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, SandboxError, SandboxProvider};
+use crate::store::{JobStore, Resource};
 
 /// After this long a sandbox is left to its own lifetime (E2B ends every sandbox at its timeout).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
@@ -23,17 +24,39 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Each kill attempt's own bound.
 const KILL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What to kill.
+pub enum Target {
+    /// A sandbox this process created and still holds.
+    Held(Arc<dyn Sandbox>),
+    /// A sandbox known only by the id the store recorded (another process created it).
+    Recorded {
+        provider: Arc<dyn SandboxProvider>,
+        id: String,
+    },
+}
+
+impl Target {
+    async fn kill(&self) -> Result<(), SandboxError> {
+        match self {
+            Target::Held(sandbox) => sandbox.kill().await,
+            Target::Recorded { provider, id } => provider.reclaim(id).await,
+        }
+    }
+}
+
 pub struct Cleaner {
     pending: Arc<AtomicUsize>,
     first_backoff: Duration,
+    store: Arc<dyn JobStore>,
     tasks: TaskTracker,
 }
 
 impl Cleaner {
-    pub fn new(first_backoff: Duration) -> Self {
+    pub fn new(first_backoff: Duration, store: Arc<dyn JobStore>) -> Self {
         Self {
             pending: Arc::new(AtomicUsize::new(0)),
             first_backoff,
+            store,
             tasks: TaskTracker::new(),
         }
     }
@@ -43,11 +66,13 @@ impl Cleaner {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Keeps killing `sandbox` in the background until that succeeds.
-    pub fn hand_over(&self, job_id: &str, sandbox: Arc<dyn Sandbox>) {
+    /// Keeps killing `target` in the background until that succeeds; then marks `resource` (the
+    /// job's record of the sandbox, when it has one) released.
+    pub fn hand_over(&self, job_id: &str, target: Target, resource: Option<Resource>) {
         self.pending.fetch_add(1, Ordering::AcqRel);
         let pending = self.pending.clone();
         let first = self.first_backoff;
+        let store = self.store.clone();
         let job_id = job_id.to_owned();
         self.tasks.spawn(async move {
             let started = tokio::time::Instant::now();
@@ -55,9 +80,12 @@ impl Cleaner {
             let mut attempts = 1u32;
             loop {
                 tokio::time::sleep(wait).await;
-                match tokio::time::timeout(KILL_TIMEOUT, sandbox.kill()).await {
+                match tokio::time::timeout(KILL_TIMEOUT, target.kill()).await {
                     Ok(Ok(())) => {
                         tracing::info!(job_id, attempts, "sandbox killed after a failed cleanup");
+                        if let Some(resource) = &resource {
+                            release(store.as_ref(), &job_id, resource).await;
+                        }
                         break;
                     }
                     Ok(Err(err)) => {
@@ -80,5 +108,23 @@ impl Cleaner {
     pub async fn drain(&self, grace: Duration) {
         self.tasks.close();
         let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
+    }
+}
+
+/// Records a confirmed kill, retrying briefly: a record left unreleased only means the next
+/// process to start kills an already-gone sandbox again, which succeeds.
+async fn release(store: &dyn JobStore, job_id: &str, resource: &Resource) {
+    let released = Resource {
+        released: true,
+        ..resource.clone()
+    };
+    for attempt in 1..=3u32 {
+        match store.mark_released(job_id, &released).await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(job_id, attempt, error = %err, "recording a killed sandbox failed");
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+            }
+        }
     }
 }

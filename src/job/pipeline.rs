@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::change;
-use super::cleaner::Cleaner;
+use super::cleaner::{Cleaner, Target};
 use super::lease::SandboxLease;
 use super::pull_request::{branch_name, plural, pr_body, pr_title, short, summary_of};
 use super::registry::Job;
@@ -231,13 +231,8 @@ async fn work(
     let (sandbox, ready_at) = step.check(ready)?;
     // A sandbox that outlives this process is recorded before it is used, so that it can be
     // killed if the process dies.
-    if let Some(id) = sandbox.resource_id() {
-        job.log().record_resource(Resource {
-            kind: "sandbox".into(),
-            backend: b.sandbox.name().into(),
-            external_id: id,
-            released: false,
-        });
+    if let Some(resource) = sandbox_resource(sandbox.as_ref(), b.sandbox.name()) {
+        job.log().record_resource(resource);
         job.log().flushed().await;
     }
     step.succeed_at(ready_at, format!("{} sandbox ready", b.sandbox.name()));
@@ -533,12 +528,10 @@ async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner, backend: &s
     let outcome =
         match tokio::time::timeout(KILL_TIMEOUT, guard.kill().instrument(step.span())).await {
             Ok(Ok(())) => {
-                if let Some(id) = sandbox.resource_id() {
+                if let Some(resource) = sandbox_resource(sandbox.as_ref(), backend) {
                     job.log().record_resource(Resource {
-                        kind: "sandbox".into(),
-                        backend: backend.into(),
-                        external_id: id,
                         released: true,
+                        ..resource
                     });
                 }
                 return step.succeed("Sandbox destroyed");
@@ -553,8 +546,20 @@ async fn cleanup(job: &Job, lease: &SandboxLease, cleaner: &Cleaner, backend: &s
             ),
         };
     tracing::error!(error = %outcome.message, "sandbox cleanup failed");
-    cleaner.hand_over(job.id(), sandbox);
+    let resource = sandbox_resource(sandbox.as_ref(), backend);
+    cleaner.hand_over(job.id(), Target::Held(sandbox), resource);
     step.fail(outcome);
+}
+
+/// The store's record of a sandbox that outlives this process (not yet released); `None` for
+/// one that dies with it.
+fn sandbox_resource(sandbox: &dyn Sandbox, backend: &str) -> Option<Resource> {
+    Some(Resource {
+        kind: "sandbox".into(),
+        backend: backend.into(),
+        external_id: sandbox.resource_id()?,
+        released: false,
+    })
 }
 
 /// Appends the job's one `Done`.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::cleaner::Cleaner;
+use super::cleaner::{Cleaner, Target};
 use super::pipeline::{self, Backends, Progress};
 use super::state::Summary;
 use super::step::JobError;
@@ -28,6 +28,9 @@ use crate::store::{
     Admission, Counts, Created, Idempotency, JobRecord, JobStore, ListQuery, NewEvent, NewJob,
     Notice, Refusal, Resource, Retention, StoreError, Unfinished,
 };
+
+/// Pending sandbox kills a new process takes over at start, at most.
+const ADOPT_AT_START: usize = 1000;
 
 /// A validated request to run a job.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -301,12 +304,12 @@ impl JobRegistry {
         store: Arc<dyn JobStore>,
     ) -> Result<Arc<Self>, StoreError> {
         let registry = Arc::new(Self {
-            store,
+            store: store.clone(),
             instance: uuid::Uuid::new_v4().to_string(),
             running: Mutex::new(HashMap::new()),
             views: Mutex::new(HashMap::new()),
             patches: Mutex::new(VecDeque::new()),
-            cleaner: Arc::new(Cleaner::new(limits.cleanup_backoff)),
+            cleaner: Arc::new(Cleaner::new(limits.cleanup_backoff, store.clone())),
             slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             wake: Arc::new(Notify::new()),
             backends,
@@ -339,6 +342,7 @@ impl JobRegistry {
             registry.stopped.clone(),
         ));
         tokio::spawn(prune_periodically(weak, registry.stopped.clone()));
+        registry.adopt_pending_kills().await;
         tracing::info!(
             instance = %registry.instance,
             store = registry.store.backend(),
@@ -809,11 +813,47 @@ impl JobRegistry {
                     });
                 }
                 Err(err) => {
-                    tracing::warn!(job_id = %record.id, sandbox = %resource.external_id, error = %err, "killing a lost job's sandbox failed; it ends at its lifetime")
+                    tracing::warn!(job_id = %record.id, sandbox = %resource.external_id, error = %err, "killing a lost job's sandbox failed; retrying in the background");
+                    self.cleaner.hand_over(
+                        &record.id,
+                        Target::Recorded {
+                            provider: self.backends.sandbox.clone(),
+                            id: resource.external_id.clone(),
+                        },
+                        Some(resource),
+                    );
                 }
             }
         }
         log.flushed().await;
+    }
+
+    /// Takes over the sandbox kills a stopped process left pending (finished jobs whose sandbox
+    /// was never released): the cleaner kills each by its recorded id. On PostgreSQL a live
+    /// instance may be retrying one of them too; killing a sandbox twice is harmless.
+    async fn adopt_pending_kills(&self) {
+        let pending = match self.store.unreleased_sandboxes(ADOPT_AT_START).await {
+            Ok(pending) => pending,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the sandbox kills left pending failed");
+                return;
+            }
+        };
+        for (job_id, resource) in pending {
+            if resource.backend != self.backends.sandbox.name() {
+                tracing::warn!(job_id, backend = %resource.backend, sandbox = %resource.external_id, "a pending sandbox kill is on a backend this instance does not use; leaving it");
+                continue;
+            }
+            tracing::info!(job_id, sandbox = %resource.external_id, "taking over a sandbox kill a stopped process left pending");
+            self.cleaner.hand_over(
+                &job_id,
+                Target::Recorded {
+                    provider: self.backends.sandbox.clone(),
+                    id: resource.external_id.clone(),
+                },
+                Some(resource),
+            );
+        }
     }
 
     /// Cancels every job, waits (boundedly) for them to clean up, and leaves the store. Queued

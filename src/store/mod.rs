@@ -373,6 +373,17 @@ pub trait JobStore: Send + Sync {
 
     async fn resources(&self, id: &str) -> Result<Vec<Resource>, StoreError>;
 
+    /// Sandboxes recorded and never released whose job has finished: kills that were still
+    /// being retried when their process stopped. Oldest job first, at most `limit`.
+    async fn unreleased_sandboxes(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, Resource)>, StoreError>;
+
+    /// Marks a job's resource released. Not fenced by an instance: that a sandbox is gone is true
+    /// whoever confirms it, and a release is never taken back.
+    async fn mark_released(&self, job_id: &str, resource: &Resource) -> Result<(), StoreError>;
+
     /// Claims the oldest unclaimed queued job for `instance`.
     async fn claim_next(
         &self,

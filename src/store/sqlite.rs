@@ -552,6 +552,46 @@ impl JobStore for SqliteStore {
             .collect())
     }
 
+    async fn unreleased_sandboxes(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, Resource)>, StoreError> {
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(&format!(
+            "SELECT r.job_id, r.kind, r.backend, r.external_id, r.released FROM resources r \
+             JOIN jobs j ON j.id = r.job_id \
+             WHERE r.kind = 'sandbox' AND NOT r.released AND j.state NOT IN {UNFINISHED} \
+             ORDER BY j.created_at, r.job_id LIMIT ?"
+        ))
+        .bind(sql_int(limit as u64))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(job_id, kind, backend, external_id, released)| {
+                let resource = Resource {
+                    kind,
+                    backend,
+                    external_id,
+                    released: released != 0,
+                };
+                (job_id, resource)
+            })
+            .collect())
+    }
+
+    async fn mark_released(&self, job_id: &str, resource: &Resource) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE resources SET released = 1 \
+             WHERE job_id = ? AND kind = ? AND external_id = ?",
+        )
+        .bind(job_id)
+        .bind(&resource.kind)
+        .bind(&resource.external_id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
     async fn claim_next(
         &self,
         instance: &str,

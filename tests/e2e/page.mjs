@@ -277,6 +277,7 @@ async function main() {
     for (const id of [jobId, second]) {
       await page.locator(`#recent-list [data-job="${id}"]`).waitFor();
     }
+    assert.equal(await page.locator('#recent-source').textContent(), 'Recent jobs on this server.');
     for (const url of requested) {
       assert.ok(url.startsWith(`${relay.url}/`), `a request left the origin: ${url}`);
       assert.ok(!url.includes(key), 'the API key is in a URL');
@@ -313,7 +314,18 @@ async function main() {
     assert.deepEqual(problems, []);
     ok(`with no API keys the page asks for none and runs a job to the end (${openBranch})`);
     console.log(`result open_branch=${openBranch}`);
+    const openJob = await jobIdOf(open);
     await open.close();
+    // A new tab knows nothing of that job (its session storage is empty): the server's list
+    // (`GET /jobs`) shows it, finished.
+    const later = await context.newPage();
+    later.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+    await later.goto(`${openServer}/`);
+    await later.locator(`#recent-list [data-job="${openJob}"] .badge[data-state="succeeded"]`).waitFor();
+    assert.equal(await later.locator('#recent-source').textContent(), 'Recent jobs on this server.');
+    assert.deepEqual(problems, []);
+    ok(`a new tab lists job ${openJob} from the server's GET /jobs`);
+    await later.close();
   } catch (error) {
     await page.screenshot({ path: join(out, 'failure.png'), fullPage: true }).catch(() => {});
     throw error;
