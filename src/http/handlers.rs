@@ -485,7 +485,6 @@ fn replayed_header(job: &JobHandle) -> Option<[(header::HeaderName, HeaderValue)
         (status = 200, description = "The job's events, from `Job Started` to `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame,
             headers(("X-Job-Id" = String, description = "The job's id"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this `Idempotency-Key` started the job"))),
         (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
@@ -524,7 +523,6 @@ pub async fn code(
         (status = 202, description = "The job was accepted", body = super::openapi::JobCreated,
             headers(("X-Job-Id" = String, description = "The job's id"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this `Idempotency-Key` started the job"))),
         (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
@@ -586,9 +584,7 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, 
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "The job", body = crate::job::state::JobView),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn get_job(
@@ -625,9 +621,7 @@ pub const MAX_PAGE: usize = 200;
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "One page of jobs", body = super::openapi::JobList),
-        (status = 400, description = "A bad `state`, `limit` or `cursor`", body = super::openapi::ErrorBody),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+        (status = 400, description = "A bad `state`, `limit` or `cursor`", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn list_jobs(
@@ -714,9 +708,7 @@ pub struct EventsQuery {
         (status = 200, description = "The events after the resume point, then live ones until `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame),
         (status = 204, description = "The job is over and nothing is left after the resume point"),
         (status = 400, description = "The resume point is not an event id", body = super::openapi::ErrorBody),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_events(
@@ -763,11 +755,9 @@ pub async fn job_events(
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "A token for this job's events, valid for a few minutes", body = super::openapi::EventsToken),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
-        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+        (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn create_events_token(
@@ -797,9 +787,7 @@ pub async fn create_events_token(
         (status = 200, description = "The patch", content_type = "text/x-diff", body = String,
             headers(("X-Patch-Truncated" = Option<String>, description = "`true` when the patch was cut at 8 MiB"))),
         (status = 409, description = "The agent has not finished yet", body = super::openapi::ErrorBody),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_patch(
@@ -851,9 +839,7 @@ pub async fn job_patch(
         (status = 202, description = "The job is being cancelled", body = super::openapi::Cancelling),
         (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 409, description = "The job has already finished", body = super::openapi::ErrorBody),
-        (status = 401, description = "A valid API key is required", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
-        (status = 503, description = "The job store is unavailable", body = super::openapi::ErrorBody)
+        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn cancel_job(

@@ -212,22 +212,34 @@ pub fn document() -> serde_json::Value {
     doc
 }
 
-/// What the HTTP edge (`edge.rs`) answers on every route before any handler runs, documented once
-/// here rather than on each handler.
+/// Answers documented once here rather than on each handler: what the HTTP edge (`edge.rs`)
+/// answers on every route before any handler runs, and what every job route answers alike (a
+/// missing key, the job store down).
 struct EdgeAnswers;
+
+impl EdgeAnswers {
+    const EVERY_ROUTE: [(&'static str, &'static str); 3] = [
+        ("414", "The URI is too long"),
+        (
+            "421",
+            "A Host this service does not answer to (no API key configured)",
+        ),
+        ("431", "The headers are too large"),
+    ];
+    const JOB_ROUTES: [(&'static str, &'static str); 2] = [
+        ("401", "A valid API key is required"),
+        ("503", "The job store is unavailable"),
+    ];
+}
 
 impl Modify for EdgeAnswers {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
-        let answers = [
-            ("414", "The URI is too long"),
-            (
-                "421",
-                "A Host this service does not answer to (no API key configured)",
-            ),
-            ("431", "The headers are too large"),
-        ];
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let job_route = path == "/code" || path == "/jobs" || path.starts_with("/jobs/");
+            let answers = Self::EVERY_ROUTE
+                .iter()
+                .chain(job_route.then_some(&Self::JOB_ROUTES).into_iter().flatten());
             for operation in [
                 &mut item.get,
                 &mut item.post,
@@ -238,9 +250,9 @@ impl Modify for EdgeAnswers {
             .into_iter()
             .flatten()
             {
-                for (status, description) in answers {
+                for (status, description) in answers.clone() {
                     let response = ResponseBuilder::new()
-                        .description(description)
+                        .description(*description)
                         .content(
                             "application/json",
                             ContentBuilder::new()
@@ -251,7 +263,7 @@ impl Modify for EdgeAnswers {
                     operation
                         .responses
                         .responses
-                        .entry(status.to_owned())
+                        .entry((*status).to_owned())
                         .or_insert(response.into());
                 }
             }
