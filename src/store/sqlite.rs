@@ -15,9 +15,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::ConnectOptions;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::broadcast;
@@ -39,6 +40,10 @@ pub struct SqliteStore {
     notices: broadcast::Sender<Notice>,
     /// Held for the life of the store: this process is the database's one instance.
     _lock: Option<File>,
+    /// An in-memory database's own connection, outside the pool: the database lives as long as
+    /// one connection to it is open, and a pool may close and reopen its connections (a query
+    /// whose request went away can take its connection with it).
+    _anchor: Option<std::sync::Mutex<SqliteConnection>>,
 }
 
 impl SqliteStore {
@@ -58,7 +63,12 @@ impl SqliteStore {
             .foreign_keys(true);
         let (notices, _) = broadcast::channel(1024);
         if memory {
-            // An in-memory database lives as long as its one connection: keep it open.
+            // `sqlite::memory:` is a named database in shared-cache mode, alive while any
+            // connection to it is: the anchor keeps it.
+            let anchor = options
+                .connect()
+                .await
+                .map_err(|e| format!("cannot open the in-memory database: {e}"))?;
             let pool = SqlitePoolOptions::new()
                 .max_connections(1)
                 .min_connections(1)
@@ -74,6 +84,7 @@ impl SqliteStore {
                 reader: pool,
                 notices,
                 _lock: None,
+                _anchor: Some(std::sync::Mutex::new(anchor)),
             });
         }
         let path = options.get_filename().to_path_buf();
@@ -98,6 +109,7 @@ impl SqliteStore {
             reader,
             notices,
             _lock: Some(lock),
+            _anchor: None,
         })
     }
 
@@ -738,4 +750,19 @@ async fn insert_events(
         insert.build().execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The web page's browser test found this: a request cut mid-query took the pool's one
+    /// connection with it, and the next one opened an empty database ("no such table: jobs").
+    #[tokio::test]
+    async fn an_in_memory_database_outlives_its_pool_connections() {
+        let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+        let connection = store.writer.acquire().await.unwrap();
+        connection.close().await.unwrap();
+        assert_eq!(store.unfinished().await.unwrap(), Unfinished::default());
+    }
 }
