@@ -361,6 +361,17 @@ async fn a_full_service_answers_429_with_retry_after() {
         serde_json::from_slice::<Value>(&view).unwrap()["state"],
         "queued"
     );
+    // What `/metrics` shows as `tb_jobs_running` and `tb_jobs_queued`: one of each, once the
+    // first job has been claimed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let load = api.harness.registry.load().await;
+        if (load.running, load.queued) == (1, 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{load:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     api.harness.registry.shutdown(Duration::from_secs(30)).await;
     let left: Vec<_> = std::fs::read_dir(api.harness.workspaces.path())
         .unwrap()

@@ -106,6 +106,18 @@ pub struct Unfinished {
 }
 
 impl Unfinished {
+    /// From `(state, count)` rows of unfinished jobs.
+    fn from_counts(rows: impl IntoIterator<Item = (String, usize)>) -> Self {
+        let mut load = Unfinished::default();
+        for (state, n) in rows {
+            match state.as_str() {
+                "running" => load.running = n,
+                _ => load.queued = n,
+            }
+        }
+        load
+    }
+
     pub fn total(&self) -> usize {
         self.running + self.queued
     }

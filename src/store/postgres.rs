@@ -468,14 +468,9 @@ impl JobStore for PostgresStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        let mut load = Unfinished::default();
-        for (state, n) in rows {
-            match state.as_str() {
-                "running" => load.running = count(n),
-                _ => load.queued = count(n),
-            }
-        }
-        Ok(load)
+        Ok(Unfinished::from_counts(
+            rows.into_iter().map(|(state, n)| (state, count(n))),
+        ))
     }
 
     async fn list_jobs(&self, query: &ListQuery) -> Result<Vec<JobRecord>, StoreError> {
