@@ -577,7 +577,7 @@ impl JobStore for PostgresStore {
                     kind,
                     backend,
                     external_id,
-                    released: released,
+                    released,
                 };
                 (job_id, resource)
             })
