@@ -110,8 +110,12 @@ pub trait Retryable {
 
 /// Runs `attempt` until it succeeds, fails with a [`RetryVerdict::Stop`] error, asks for a wait
 /// longer than the policy allows, or has failed `policy.max_retries + 1` times; returns its last
-/// result.
-pub async fn with_retries<T, E, F, Fut>(policy: &RetryPolicy, mut attempt: F) -> Result<T, E>
+/// result. Each retry counts in `tb_retries_total` under `layer` (`model`, `e2b`, `github`).
+pub async fn with_retries<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    layer: &'static str,
+    mut attempt: F,
+) -> Result<T, E>
 where
     E: Retryable + Display,
     F: FnMut() -> Fut,
@@ -144,6 +148,7 @@ where
             error = %error,
             "retrying"
         );
+        crate::telemetry::retry(layer);
         tokio::time::sleep(wait).await;
         retry += 1;
     }
@@ -155,14 +160,17 @@ where
 #[derive(Debug, Clone)]
 pub struct Deadline<'a> {
     policy: &'a RetryPolicy,
+    /// The `tb_retries_total` label.
+    layer: &'static str,
     until: Instant,
     retry: u32,
 }
 
 impl<'a> Deadline<'a> {
-    pub fn new(policy: &'a RetryPolicy, until: Instant) -> Self {
+    pub fn new(policy: &'a RetryPolicy, layer: &'static str, until: Instant) -> Self {
         Self {
             policy,
+            layer,
             until,
             retry: 0,
         }
@@ -186,6 +194,7 @@ impl<'a> Deadline<'a> {
             return None;
         }
         self.retry = self.retry.saturating_add(1);
+        crate::telemetry::retry(self.layer);
         Some(wait)
     }
 }
@@ -195,6 +204,7 @@ impl<'a> Deadline<'a> {
 /// An attempt already under way is not cut short by the deadline: each has its own bound.
 pub async fn with_retries_until<T, E, F, Fut>(
     policy: &RetryPolicy,
+    layer: &'static str,
     until: Instant,
     mut attempt: F,
 ) -> Result<T, E>
@@ -203,7 +213,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut deadline = Deadline::new(policy, until);
+    let mut deadline = Deadline::new(policy, layer, until);
     loop {
         let error = match attempt().await {
             Ok(value) => return Ok(value),
@@ -492,7 +502,7 @@ mod tests {
     async fn retry_after_is_honoured_exactly() {
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();
-        let result = with_retries(&RetryPolicy::default(), || {
+        let result = with_retries(&RetryPolicy::default(), "test", || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n == 0 {
@@ -516,7 +526,7 @@ mod tests {
             jitter: 0.0,
             ..RetryPolicy::default()
         };
-        let result: Result<(), _> = with_retries(&policy, || {
+        let result: Result<(), _> = with_retries(&policy, "test", || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 Err(Failed(
@@ -539,7 +549,7 @@ mod tests {
             ..RetryPolicy::default()
         };
         let _: Result<(), _> =
-            with_retries(&policy, || async { Err(retry_after_secs(None)) }).await;
+            with_retries(&policy, "test", || async { Err(retry_after_secs(None)) }).await;
         let waited = start.elapsed();
         assert!(
             waited >= Duration::from_millis(375) && waited <= Duration::from_millis(500),
@@ -551,7 +561,7 @@ mod tests {
     async fn stop_verdicts_are_not_retried() {
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();
-        let result: Result<(), _> = with_retries(&RetryPolicy::default(), || {
+        let result: Result<(), _> = with_retries(&RetryPolicy::default(), "test", || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err(Failed(RetryVerdict::Stop, "bad key".into())) }
         })
@@ -565,7 +575,7 @@ mod tests {
     async fn an_absurd_retry_after_falls_through_at_once() {
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();
-        let result: Result<(), _> = with_retries(&RetryPolicy::default(), || {
+        let result: Result<(), _> = with_retries(&RetryPolicy::default(), "test", || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err(retry_after_secs(Some(3600))) }
         })
@@ -586,7 +596,7 @@ mod tests {
         };
         // Waits of 0.5, 1, 2 and 4 s fit in 10 s; the next (8 s) would end past it.
         let until = start + Duration::from_secs(10);
-        let result: Result<(), _> = with_retries_until(&policy, until, || {
+        let result: Result<(), _> = with_retries_until(&policy, "test", until, || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 Err(Failed(
@@ -606,7 +616,7 @@ mod tests {
         // A success within the deadline ends it; a server's wait is honoured exactly.
         calls.store(0, Ordering::SeqCst);
         let start = tokio::time::Instant::now();
-        let result = with_retries_until(&policy, start + Duration::from_secs(10), || {
+        let result = with_retries_until(&policy, "test", start + Duration::from_secs(10), || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n < 2 {
@@ -623,6 +633,7 @@ mod tests {
         // A wait that would end past the deadline is not started, nor is a Stop retried.
         let mut deadline = Deadline::new(
             &policy,
+            "test",
             tokio::time::Instant::now() + Duration::from_secs(2),
         );
         assert_eq!(
@@ -641,7 +652,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_retries_means_one_attempt() {
         let calls = AtomicU32::new(0);
-        let result: Result<(), _> = with_retries(&RetryPolicy::none(), || {
+        let result: Result<(), _> = with_retries(&RetryPolicy::none(), "test", || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err(retry_after_secs(None)) }
         })

@@ -69,7 +69,7 @@ fn describe() {
         PROVIDER_REQUESTS,
         "Model requests, by provider and outcome."
     );
-    describe_counter!(RETRIES, "Retried calls, by layer (agent, e2b, github).");
+    describe_counter!(RETRIES, "Retried calls, by layer (model, e2b, github).");
     describe_counter!(FALLBACKS, "Moves from one model provider to the next.");
     describe_counter!(TOKENS, "Tokens, by provider, model and kind.");
     describe_gauge!(

@@ -306,6 +306,40 @@ fn statuses(fake: &FakeGithub, method: &str, path_end: &str) -> Vec<u16> {
         .collect()
 }
 
+/// Every GitHub call counts in `tb_github_requests_total` by operation and outcome, and a
+/// retried one in `tb_retries_total{layer="github"}`: a tree upload answered 502 once is retried
+/// and the job succeeds. (The recorder is the process's; other tests only add to the counts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_calls_and_their_retries_are_counted() {
+    let metrics = tiny_backspace::telemetry::metrics().unwrap();
+    let (fake, _base) = fake_with_repo().await;
+    fake.fail(Fault::new("POST", "/git/trees", 502, "Server Error"));
+    let h = harness(&fake, None).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "nice" in README.md"#))
+        .await
+        .unwrap();
+    let events = harness::events_of(&job).await;
+    assert_eq!(harness::done(&events)["status"], "succeeded");
+    assert_eq!(statuses(&fake, "POST", "/git/trees"), [502, 201]);
+    let text = metrics.render();
+    let count = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    for series in [
+        r#"tb_github_requests_total{operation="create_tree",outcome="5xx"}"#,
+        r#"tb_github_requests_total{operation="create_tree",outcome="ok"}"#,
+        r#"tb_github_requests_total{operation="create_ref",outcome="ok"}"#,
+        r#"tb_github_requests_total{operation="create_pull",outcome="ok"}"#,
+        r#"tb_retries_total{layer="github"}"#,
+    ] {
+        assert!(count(series) >= 1.0, "{series} in:\n{text}");
+    }
+}
+
 /// GitHub opens the pull request and the answer is lost (502): the job looks, adopts it, and
 /// succeeds with it; no second pull request is opened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

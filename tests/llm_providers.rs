@@ -549,7 +549,7 @@ async fn retries_overloaded_then_succeeds() {
         ..RetryPolicy::default()
     };
     let (transcript, tools) = (transcript(), tools());
-    let turn = with_retries(&policy, || {
+    let turn = with_retries(&policy, "model", || {
         provider.complete(&transcript, &tools, &NoDeltas)
     })
     .await
@@ -576,7 +576,7 @@ async fn retries_are_bounded_and_auth_failures_fall_through_at_once() {
         initial_backoff: Duration::ZERO,
         ..RetryPolicy::default()
     };
-    let e = with_retries(&policy, || {
+    let e = with_retries(&policy, "model", || {
         provider.complete(&transcript, &tools, &NoDeltas)
     })
     .await
@@ -587,7 +587,7 @@ async fn retries_are_bounded_and_auth_failures_fall_through_at_once() {
     let fake = FakeAnthropic::start().await;
     fake.push([Reply::unauthorized(), Reply::text("never")]);
     let provider = anthropic(&fake);
-    let e = with_retries(&policy, || {
+    let e = with_retries(&policy, "model", || {
         provider.complete(&transcript, &tools, &NoDeltas)
     })
     .await
@@ -611,7 +611,7 @@ async fn retry_after_from_the_server_is_honoured_with_paused_time() {
     tokio::time::pause();
     let start = tokio::time::Instant::now();
     let mut attempts = 0;
-    let turn = with_retries(&RetryPolicy::default(), || {
+    let turn = with_retries(&RetryPolicy::default(), "model", || {
         attempts += 1;
         let result = if attempts == 1 {
             Err(error.clone())

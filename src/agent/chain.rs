@@ -55,19 +55,20 @@ impl ProviderChain {
             let Some(provider) = self.providers.get(self.current).cloned() else {
                 return Err(ProviderError::fallback("no model provider is configured"));
             };
-            let result: Result<Turn, ProviderError> = with_retries(&self.retry, || async {
-                let attempt = AttemptText::default();
-                let span = tracing::info_span!("provider.request", provider = provider.name());
-                let turn = provider
-                    .complete(transcript, tools, &attempt)
-                    .instrument(span)
-                    .await;
-                crate::telemetry::provider_request(provider.name(), outcome(&turn));
-                let turn = turn?;
-                attempt.commit(text);
-                Ok(turn)
-            })
-            .await;
+            let result: Result<Turn, ProviderError> =
+                with_retries(&self.retry, "model", || async {
+                    let attempt = AttemptText::default();
+                    let span = tracing::info_span!("provider.request", provider = provider.name());
+                    let turn = provider
+                        .complete(transcript, tools, &attempt)
+                        .instrument(span)
+                        .await;
+                    crate::telemetry::provider_request(provider.name(), outcome(&turn));
+                    let turn = turn?;
+                    attempt.commit(text);
+                    Ok(turn)
+                })
+                .await;
             match result {
                 Ok(turn) => return Ok((turn, provider)),
                 Err(err) => {

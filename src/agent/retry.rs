@@ -152,7 +152,7 @@ mod tests {
     async fn provider_errors_drive_the_shared_engine() {
         let calls = AtomicU32::new(0);
         let start = tokio::time::Instant::now();
-        let result = with_retries(&RetryPolicy::default(), || {
+        let result = with_retries(&RetryPolicy::default(), "model", || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 match n {
@@ -171,7 +171,7 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(7));
 
         let calls = AtomicU32::new(0);
-        let result: Result<Turn, _> = with_retries(&RetryPolicy::default(), || {
+        let result: Result<Turn, _> = with_retries(&RetryPolicy::default(), "model", || {
             calls.fetch_add(1, Ordering::SeqCst);
             async {
                 Err(ProviderError {

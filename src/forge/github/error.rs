@@ -56,6 +56,19 @@ pub(super) enum FailureKind {
     Decode,
 }
 
+impl FailureKind {
+    /// The `outcome` label of `tb_github_requests_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FailureKind::Status(status) if *status >= 500 => "5xx",
+            FailureKind::Status(_) => "4xx",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Transport => "transport",
+            FailureKind::Decode => "decode",
+        }
+    }
+}
+
 /// One failed GitHub call, reduced to what the wording needs.
 #[derive(Debug, Clone)]
 pub(super) struct Failure {

@@ -38,6 +38,7 @@ use octocrab::params::repos::Reference;
 use octocrab::service::middleware::retry::RetryConfig;
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use self::error::{Ctx, Failure};
 use super::local::{AUTHOR_EMAIL, AUTHOR_NAME};
@@ -295,12 +296,16 @@ impl GithubForge {
 
     /// Runs one octocrab call with a deadline, reducing any failure to a [`Failure`] whose
     /// message cannot hold the token (it is logged when retried).
+    /// Each call is a `github.request` span and counts in `tb_github_requests_total` under `op`
+    /// (`get_ref`, `create_pull`, …).
     async fn once<T>(
         &self,
+        op: &'static str,
         limit: Duration,
         fut: impl Future<Output = octocrab::Result<T>>,
     ) -> Result<T, Failure> {
-        match tokio::time::timeout(limit, fut).await {
+        let span = tracing::info_span!("github.request", operation = op);
+        let result = match tokio::time::timeout(limit, fut).instrument(span).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 let mut failure = Failure::from_octocrab(e);
@@ -308,13 +313,20 @@ impl GithubForge {
                 Err(failure)
             }
             Err(_) => Err(Failure::timeout(limit.as_secs())),
-        }
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(failure) => failure.kind.label(),
+        };
+        crate::telemetry::github_request(op, outcome);
+        result
     }
 
     /// Runs a call that is safe to repeat (see the module doc), each attempt bounded by `limit`,
     /// repeating it after transient failures under the forge's policy until `until`.
     async fn retried<T, F, Fut>(
         &self,
+        op: &'static str,
         until: Instant,
         limit: Duration,
         mut call: F,
@@ -323,16 +335,25 @@ impl GithubForge {
         F: FnMut() -> Fut,
         Fut: Future<Output = octocrab::Result<T>>,
     {
-        with_retries_until(&self.retry, until, || self.once(limit, call())).await
+        with_retries_until(&self.retry, "github", until, || {
+            self.once(op, limit, call())
+        })
+        .await
     }
 
     /// [`Self::retried`] with the failure worded for `ctx`.
-    async fn call<T, F, Fut>(&self, until: Instant, ctx: &Ctx, call: F) -> Result<T, ForgeError>
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        until: Instant,
+        ctx: &Ctx,
+        call: F,
+    ) -> Result<T, ForgeError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = octocrab::Result<T>>,
     {
-        match self.retried(until, CALL_TIMEOUT, call).await {
+        match self.retried(op, until, CALL_TIMEOUT, call).await {
             Ok(value) => Ok(value),
             Err(failure) => Err(self.fail(failure, ctx)),
         }
@@ -348,7 +369,7 @@ impl GithubForge {
     async fn write_reconciled<T, W, WFut, R, RFut>(
         &self,
         until: Instant,
-        what: &str,
+        op: &'static str,
         mut write: W,
         mut reconcile: R,
     ) -> Result<T, Failure>
@@ -358,9 +379,9 @@ impl GithubForge {
         R: FnMut() -> RFut,
         RFut: Future<Output = Result<Option<T>, Failure>>,
     {
-        let mut deadline = Deadline::new(&self.retry, until);
+        let mut deadline = Deadline::new(&self.retry, "github", until);
         loop {
-            let failure = match self.once(CALL_TIMEOUT, write()).await {
+            let failure = match self.once(op, CALL_TIMEOUT, write()).await {
                 Ok(value) => return Ok(value),
                 Err(failure) => failure,
             };
@@ -368,20 +389,20 @@ impl GithubForge {
                 match reconcile().await {
                     Ok(Some(found)) => {
                         tracing::warn!(
-                            what,
+                            op,
                             "github: the write was carried out although its answer was lost ({failure}); using what it made"
                         );
                         return Ok(found);
                     }
                     Ok(None) => {
                         tracing::info!(
-                            what,
+                            op,
                             "github: the write was not carried out ({failure}); sending it again"
                         );
                     }
                     Err(read) => {
                         tracing::warn!(
-                            what,
+                            op,
                             "github: could not find out whether the write was carried out ({failure}; the read failed: {read})"
                         );
                         return Err(failure.unsettled());
@@ -415,7 +436,7 @@ impl GithubForge {
     async fn get_ref(&self, until: Instant, target: &Target, branch: &str) -> Result<Ref, Failure> {
         let crab = self.crab()?;
         let reference = &Reference::Branch(encode_branch(branch));
-        self.retried(until, CALL_TIMEOUT, || async move {
+        self.retried("get_ref", until, CALL_TIMEOUT, || async move {
             crab.git(&target.owner, &target.name)
                 .get_ref(reference)
                 .await
@@ -444,7 +465,7 @@ impl GithubForge {
         sha: &str,
     ) -> Result<GitCommitObject, Failure> {
         let crab = self.crab()?;
-        self.retried(until, CALL_TIMEOUT, || async move {
+        self.retried("get_commit", until, CALL_TIMEOUT, || async move {
             crab.git(&target.owner, &target.name).get_commit(sha).await
         })
         .await
@@ -462,7 +483,7 @@ impl GithubForge {
     ) -> Result<Option<octocrab::models::Repository>, Failure> {
         let crab = self.crab()?;
         let me = self
-            .retried(until, CALL_TIMEOUT, || async move {
+            .retried("get_user", until, CALL_TIMEOUT, || async move {
                 crab.current().user().await
             })
             .await;
@@ -475,7 +496,7 @@ impl GithubForge {
         };
         let login = me.login.as_str();
         let found = self
-            .retried(until, CALL_TIMEOUT, || async move {
+            .retried("get_repo", until, CALL_TIMEOUT, || async move {
                 crab.repos(login, name).get().await
             })
             .await;
@@ -510,7 +531,7 @@ impl GithubForge {
         let fork = self
             .write_reconciled(
                 until,
-                "fork",
+                "create_fork",
                 || async move {
                     crab.repos(owner, name)
                         .create_fork()
@@ -582,6 +603,7 @@ impl GithubForge {
         // One attempt: the sync is best effort, and the readiness poll that follows repeats.
         let result: Result<Value, Failure> = self
             .once(
+                "merge_upstream",
                 CALL_TIMEOUT,
                 crab.post(route, Some(&json!({ "branch": branch }))),
             )
@@ -675,7 +697,7 @@ impl GithubForge {
                     let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
                     // Content-addressed: a repeated upload yields the same blob.
                     let blob = self
-                        .retried(until, UPLOAD_TIMEOUT, || {
+                        .retried("create_blob", until, UPLOAD_TIMEOUT, || {
                             git.create_blob(encoded.clone()).encoding("base64").send()
                         })
                         .await;
@@ -698,7 +720,7 @@ impl GithubForge {
         let body = json!({ "base_tree": base_tree, "tree": tree });
         let route = format!("/repos/{}/{}/git/trees", target.owner, target.name);
         let created: Result<GitTree, Failure> = self
-            .retried(until, UPLOAD_TIMEOUT, || {
+            .retried("create_tree", until, UPLOAD_TIMEOUT, || {
                 crab.post(route.as_str(), Some(&body))
             })
             .await;
@@ -719,7 +741,7 @@ impl GithubForge {
             Ctx::new("create the commit", repo.clone(), WRITE_NEEDS).with_workflows(workflows);
         // A repeated commit at worst leaves an unreferenced object behind: the branch names one.
         let commit = self
-            .call(until, &ctx, || {
+            .call("create_commit", until, &ctx, || {
                 let (git, tree_sha, identity) = (&git, &tree_sha, &identity);
                 async move {
                     git.create_commit(message, tree_sha.clone())
@@ -739,7 +761,7 @@ impl GithubForge {
         let created = self
             .write_reconciled(
                 until,
-                "branch",
+                "create_ref",
                 || git.create_ref(&reference, commit.sha.clone()),
                 || self.find_ref(until, target, branch),
             )
@@ -918,7 +940,7 @@ impl Forge for GithubForge {
         let crab = self.client(&ctx)?;
         let until = self.step();
         let meta = self
-            .call(until, &ctx, || async move {
+            .call("get_repo", until, &ctx, || async move {
                 crab.repos(owner, name).get().await
             })
             .await?;
@@ -1126,7 +1148,7 @@ impl Forge for GithubForge {
         // The pull request open for this head, if any: how a lost answer is reconciled.
         let find_open = || async {
             let page = self
-                .retried(until, CALL_TIMEOUT, || {
+                .retried("list_pulls", until, CALL_TIMEOUT, || {
                     pulls
                         .list()
                         .head(head.clone())
@@ -1142,7 +1164,7 @@ impl Forge for GithubForge {
             let attempt = self
                 .write_reconciled(
                     until,
-                    "pull request",
+                    "create_pull",
                     || {
                         let mut request = pulls
                             .create(title.clone(), pushed.head_ref.clone(), base.to_owned())

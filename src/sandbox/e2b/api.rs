@@ -237,7 +237,7 @@ impl ControlPlane {
             };
             Err(ApiFailure { error, verdict })
         };
-        let outcome = with_retries(&self.timing.retry, attempt)
+        let outcome = with_retries(&self.timing.retry, "e2b", attempt)
             .await
             .map_err(|f| f.error);
         if unsure.load(Ordering::SeqCst) {
@@ -319,7 +319,7 @@ impl ControlPlane {
             };
             Err(ApiFailure { error, verdict })
         };
-        with_retries(&self.timing.retry, attempt)
+        with_retries(&self.timing.retry, "e2b", attempt)
             .await
             .map_err(|f| f.error)
     }
@@ -395,7 +395,7 @@ impl ControlPlane {
             };
             Err(ApiFailure { error, verdict })
         };
-        with_retries(&self.timing.retry, attempt)
+        with_retries(&self.timing.retry, "e2b", attempt)
             .await
             .map_err(|f| f.error)
     }

@@ -525,7 +525,7 @@ impl E2bSandbox {
                 }
             }
         };
-        match with_retries(&self.endpoint.timing.retry, attempt).await {
+        match with_retries(&self.endpoint.timing.retry, "e2b", attempt).await {
             Ok(result) => Ok(result),
             Err(failure) => Err(self.classify(failure.error).await),
         }
@@ -570,7 +570,7 @@ impl E2bSandbox {
         Fut: std::future::Future<Output = Result<T, SandboxError>>,
     {
         self.check_alive()?;
-        match with_retries(&self.endpoint.timing.retry, op).await {
+        match with_retries(&self.endpoint.timing.retry, "e2b", op).await {
             Ok(value) => Ok(value),
             Err(e) => Err(self.classify(e).await),
         }
