@@ -46,6 +46,14 @@ async fn harness(
     fake: &FakeGithub,
     agents: Option<Vec<Arc<dyn tiny_backspace::agent::Provider>>>,
 ) -> Harness {
+    harness_with(fake, agents, HarnessOptions::default().job_timeout).await
+}
+
+async fn harness_with(
+    fake: &FakeGithub,
+    agents: Option<Vec<Arc<dyn tiny_backspace::agent::Provider>>>,
+    job_timeout: Duration,
+) -> Harness {
     let forge = GithubForge::new(GithubConfig {
         token: CANARY.into(),
         api_url: fake.api_url(),
@@ -61,6 +69,7 @@ async fn harness(
         remote: Some(Arc::new(forge) as Arc<dyn Forge>),
         // As the real configuration does: the token is a secret the redactor knows.
         secrets: vec![CANARY.into()],
+        job_timeout,
         ..HarnessOptions::default()
     };
     if let Some(agents) = agents {
@@ -338,6 +347,70 @@ async fn github_calls_and_their_retries_are_counted() {
     ] {
         assert!(count(series) >= 1.0, "{series} in:\n{text}");
     }
+}
+
+/// A job cancelled while GitHub is opening its pull request (the request went through; its
+/// answer had not arrived): the job asks GitHub, and its `Done{cancelled}` names the pull
+/// request instead of leaving it unmentioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_its_pull_request_opens_names_it() {
+    let (fake, _base) = fake_with_repo().await;
+    fake.hold_answer("POST", "/pulls", Duration::from_secs(60));
+    let h = harness(&fake, None).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "super" in README.md"#))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fake.pulls().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no pull request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    job.cancel().await.unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    let url = format!("http://{}/alice/widgets/pull/1", fake.addr);
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["pr_url"], url.as_str(), "{done}");
+    assert!(done["summary"].as_str().unwrap().contains(&url), "{done}");
+    let created: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::PrCreated { .. }))
+        .collect();
+    assert_eq!(created.len(), 1, "{events:?}");
+    assert_eq!(fake.pulls().len(), 1);
+    assert_no_canary(&fake, &events);
+}
+
+/// The job's timeout fires while GitHub is opening its pull request (the request went through):
+/// the job finds the pull request, and succeeds with it rather than failing with a pull request
+/// open that nobody is told of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_timing_out_while_its_pull_request_opens_succeeds_with_it() {
+    let (fake, _base) = fake_with_repo().await;
+    fake.hold_answer("POST", "/pulls", Duration::from_secs(60));
+    let h = harness_with(&fake, None, Duration::from_secs(4)).await;
+    let job = h
+        .registry
+        .submit(request(r#"replace "great" with "swell" in README.md"#))
+        .await
+        .unwrap();
+    let events = harness::events_of(&job).await;
+    let done = harness::done(&events);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["pr_url"],
+        format!("http://{}/alice/widgets/pull/1", fake.addr),
+        "{done}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::Error { .. })),
+        "{events:?}"
+    );
+    assert_eq!(fake.pulls().len(), 1);
 }
 
 /// GitHub opens the pull request and the answer is lost (502): the job looks, adopts it, and

@@ -142,6 +142,15 @@ pub trait Forge: Send + Sync {
         pushed: &PushedBranch,
         pr: &PullRequestDraft,
     ) -> Result<Option<PullRequest>, ForgeError>;
+    /// The open pull request for `pushed`, if any: what a job stopped while opening one (a cancel,
+    /// its timeout) uses to learn whether the request went through before it was dropped.
+    async fn find_pull_request(
+        &self,
+        _info: &RepoInfo,
+        _pushed: &PushedBranch,
+    ) -> Result<Option<PullRequest>, ForgeError> {
+        Ok(None)
+    }
 }
 
 /// A remote repository with no token: nothing is pushed, the patch stays available.

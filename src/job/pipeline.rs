@@ -34,7 +34,9 @@ use crate::agent::tools::ToolExecutor;
 use crate::agent::{Provider, TokenUsage, Transcript};
 use crate::event::{DoneStatus, ErrorCode, ErrorInfo, EventKind, Step, StepState, Usage};
 use crate::forge::policy::CommitPolicy;
-use crate::forge::{ChangeSet, Forge, Forges, PublishMode, PullRequestDraft, RepoInfo};
+use crate::forge::{
+    ChangeSet, Forge, Forges, PublishMode, PullRequestDraft, PushedBranch, RepoInfo,
+};
 use crate::redact::Redactor;
 use crate::sandbox::{CloneSpec, Cloned, Sandbox, SandboxProvider};
 use crate::store::Resource;
@@ -69,6 +71,9 @@ const SALVAGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long cleanup waits for a sandbox creation still in flight.
 const CREATION_WAIT: Duration = Duration::from_secs(120);
 const KILL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a job stopped while opening its pull request asks the forge whether it was opened;
+/// short, as a shutdown waits for it within its grace.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn publish_reserve(job_timeout: Duration) -> Duration {
     PUBLISH_RESERVE.min(job_timeout / 5)
@@ -86,6 +91,19 @@ pub struct Progress {
     pub files_changed: Option<usize>,
     pub branch: Option<String>,
     pub pr_url: Option<String>,
+    /// Set as the pull request step begins: what a job stopped during it needs to find out
+    /// whether the pull request was opened all the same.
+    pub opening: Option<Opening>,
+}
+
+/// A pull request being opened.
+#[derive(Debug, Clone)]
+pub struct Opening {
+    pub info: RepoInfo,
+    pub pushed: PushedBranch,
+    pub title: String,
+    pub summary: String,
+    pub files_changed: usize,
 }
 
 /// Why a job did not succeed.
@@ -154,23 +172,32 @@ pub async fn run(
     });
     let deadline = Instant::now() + backends.job_timeout;
     let lease = SandboxLease::create(backends.sandbox.clone(), job.id().to_owned());
-    let result = tokio::select! {
+    // `stopped`: the work was dropped where it stood (its timeout, a cancel), not ended by
+    // a failure of its own.
+    let (result, stopped) = tokio::select! {
         result = tokio::time::timeout_at(deadline, work(&job, &backends, &lease, deadline)) => {
             match result {
-                Ok(result) => result.map_err(Failure::Failed),
-                Err(_) => Err(Failure::Failed(JobError {
-                    retryable: true,
-                    ..JobError::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "the job did not finish within {} s (JOB_TIMEOUT_SECS)",
-                            backends.job_timeout.as_secs()
-                        ),
-                    )
-                })),
+                Ok(result) => (result.map_err(Failure::Failed), false),
+                Err(_) => (
+                    Err(Failure::Failed(JobError {
+                        retryable: true,
+                        ..JobError::new(
+                            ErrorCode::Timeout,
+                            format!(
+                                "the job did not finish within {} s (JOB_TIMEOUT_SECS)",
+                                backends.job_timeout.as_secs()
+                            ),
+                        )
+                    })),
+                    true,
+                ),
             }
         }
-        _ = cancel.cancelled() => Err(interrupted(&job)),
+        _ = cancel.cancelled() => (Err(interrupted(&job)), true),
+    };
+    let result = match result {
+        Err(failure) if stopped => settle_opening(&job, &backends, failure).await,
+        other => other,
     };
     if let Err(Failure::Failed(err)) = &result {
         if err.code == ErrorCode::Timeout {
@@ -437,6 +464,13 @@ async fn publish(
         body: pr_body(&summary, &request.prompt, change, outcome, job.id()),
         draft: request.draft || outcome.partial() || outcome.used_dummy,
     };
+    job.progress().opening = Some(Opening {
+        info: info.clone(),
+        pushed: pushed.clone(),
+        title: title.clone(),
+        summary: summary.clone(),
+        files_changed,
+    });
     let mut step = StepRun::begin(events, Step::Pr, "Opening the pull request");
     let opened = step.check(
         forge
@@ -508,6 +542,71 @@ async fn salvage(job: &Job, b: &Backends, lease: &SandboxLease) {
             step.fail(err);
         }
         Err(_) => drop(step),
+    }
+}
+
+/// A job stopped (cancelled, timed out, interrupted) while its pull request was being opened:
+/// the request may have reached the forge before it was dropped. Asks the forge, so that a pull
+/// request that exists is reported: a timed-out job whose pull request is open has done its work
+/// and succeeds; a cancelled or interrupted one names it in its `Done`.
+async fn settle_opening(job: &Job, b: &Backends, failure: Failure) -> Result<Success, Failure> {
+    let opening = {
+        let progress = job.progress();
+        match (&progress.opening, &progress.pr_url) {
+            (Some(opening), None) => opening.clone(),
+            _ => return Err(failure),
+        }
+    };
+    let forge = b.forges.for_repo(&job.request().repo);
+    let mut step = StepRun::begin(
+        job.events(),
+        Step::Pr,
+        "Finding out whether the pull request was opened before the job stopped",
+    );
+    let found = tokio::time::timeout(
+        SETTLE_TIMEOUT,
+        forge.find_pull_request(&opening.info, &opening.pushed),
+    )
+    .instrument(step.span())
+    .await;
+    let opened = match found {
+        Ok(Ok(Some(opened))) => opened,
+        Ok(Ok(None)) => {
+            step.succeed("No pull request was opened");
+            return Err(failure);
+        }
+        Ok(Err(err)) => {
+            step.fail(err);
+            return Err(failure);
+        }
+        Err(_) => {
+            step.fail(JobError::new(
+                ErrorCode::GithubTimeout,
+                format!(
+                    "the forge did not answer within {} s",
+                    SETTLE_TIMEOUT.as_secs()
+                ),
+            ));
+            return Err(failure);
+        }
+    };
+    job.progress().pr_url = Some(opened.url.clone());
+    job.events().emit(EventKind::PrCreated {
+        pr_url: opened.url.clone(),
+        number: opened.number,
+        branch: opening.pushed.branch.clone(),
+        title: opening.title,
+        draft: opened.draft,
+    });
+    step.succeed(format!("Opened {}", opened.url));
+    match failure {
+        Failure::Failed(err) if err.code == ErrorCode::Timeout => Ok(Success {
+            pr_url: Some(opened.url),
+            branch: Some(opening.pushed.branch),
+            summary: opening.summary,
+            files_changed: opening.files_changed,
+        }),
+        other => Err(other),
     }
 }
 

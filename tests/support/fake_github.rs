@@ -208,6 +208,9 @@ struct Inner {
     pulls: Vec<Pull>,
     log: Vec<Recorded>,
     faults: Vec<Fault>,
+    /// (method, path fragment, delay): the next matching request is carried out and its answer
+    /// held back this long.
+    holds: Vec<(String, String, Duration)>,
     fork_delay: Duration,
     draft_supported: bool,
     next_id: u64,
@@ -302,6 +305,7 @@ impl FakeGithub {
             pulls: Vec::new(),
             log: Vec::new(),
             faults: Vec::new(),
+            holds: Vec::new(),
             fork_delay: Duration::from_millis(300),
             draft_supported: true,
             next_id: 1000,
@@ -425,6 +429,12 @@ impl FakeGithub {
         self.with(|i| i.faults.push(fault));
     }
 
+    /// The next `method` request whose path contains `path_contains` is carried out at once, and
+    /// its answer held back for `delay` (a client that gives up meanwhile never learns of it).
+    pub fn hold_answer(&self, method: &str, path_contains: &str, delay: Duration) {
+        self.with(|i| i.holds.push((method.into(), path_contains.into(), delay)));
+    }
+
     /// Seeded random faults on every later request (see [`FaultPlan`]).
     pub fn set_fault_plan(&self, plan: Arc<FaultPlan>) {
         self.with(|i| i.plan = Some(plan));
@@ -486,8 +496,18 @@ async fn handle(
         }
         None => None,
     };
-    let mut inner = inner.lock().unwrap();
-    inner.handle(&method, &uri, &headers, &body, random)
+    let (response, hold) = {
+        let mut inner = inner.lock().unwrap();
+        let response = inner.handle(&method, &uri, &headers, &body, random);
+        let held = inner.holds.iter().position(|(m, fragment, _)| {
+            m.eq_ignore_ascii_case(method.as_str()) && uri.path().contains(fragment.as_str())
+        });
+        (response, held.map(|i| inner.holds.remove(i).2))
+    };
+    if let Some(delay) = hold {
+        tokio::time::sleep(delay).await;
+    }
+    response
 }
 
 /// The fault-plan route a request belongs to.

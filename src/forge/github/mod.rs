@@ -433,6 +433,25 @@ impl GithubForge {
         }
     }
 
+    /// The open pull request whose head is `head`, if any.
+    async fn find_open_pull(
+        &self,
+        pulls: &octocrab::pulls::PullRequestHandler<'_>,
+        head: &str,
+        until: Instant,
+    ) -> Result<Option<octocrab::models::pulls::PullRequest>, Failure> {
+        let page = self
+            .retried("list_pulls", until, CALL_TIMEOUT, || {
+                pulls
+                    .list()
+                    .head(head.to_owned())
+                    .state(octocrab::params::State::Open)
+                    .send()
+            })
+            .await?;
+        Ok(page.items.into_iter().next())
+    }
+
     async fn get_ref(&self, until: Instant, target: &Target, branch: &str) -> Result<Ref, Failure> {
         let crab = self.crab()?;
         let reference = &Reference::Branch(encode_branch(branch));
@@ -1138,26 +1157,10 @@ impl Forge for GithubForge {
         let ctx = Ctx::new("open the pull request", full.clone(), PULL_NEEDS);
         let pulls = self.client(&ctx)?.pulls(owner, name);
 
-        // How the pull request names its head, for finding one that already exists.
-        let head = if from_fork {
-            pushed.head_ref.clone()
-        } else {
-            format!("{owner}:{}", pushed.head_ref)
-        };
+        let head = pull_head(owner, pushed);
         let until = self.step();
         // The pull request open for this head, if any: how a lost answer is reconciled.
-        let find_open = || async {
-            let page = self
-                .retried("list_pulls", until, CALL_TIMEOUT, || {
-                    pulls
-                        .list()
-                        .head(head.clone())
-                        .state(octocrab::params::State::Open)
-                        .send()
-                })
-                .await?;
-            Ok::<_, Failure>(page.items.into_iter().next())
-        };
+        let find_open = || self.find_open_pull(&pulls, &head, until);
 
         let mut draft = pr.draft;
         let created = loop {
@@ -1216,16 +1219,48 @@ impl Forge for GithubForge {
                     })?
             }
         };
-        let url = created
+        Ok(Some(pull_request(&created, draft)))
+    }
+
+    async fn find_pull_request(
+        &self,
+        info: &RepoInfo,
+        pushed: &PushedBranch,
+    ) -> Result<Option<PullRequest>, ForgeError> {
+        let (owner, name) = remote(&info.repo)?;
+        let ctx = Ctx::new(
+            "find the pull request",
+            format!("{owner}/{name}"),
+            READ_NEEDS,
+        );
+        let pulls = self.client(&ctx)?.pulls(owner, name);
+        let found = self
+            .find_open_pull(&pulls, &pull_head(owner, pushed), self.step())
+            .await
+            .map_err(|f| self.fail(f, &ctx))?;
+        Ok(found.map(|p| pull_request(&p, false)))
+    }
+}
+
+/// How a pull request names its head (`owner:branch`), for finding one that already exists.
+fn pull_head(owner: &str, pushed: &PushedBranch) -> String {
+    if pushed.head_ref.contains(':') {
+        pushed.head_ref.clone()
+    } else {
+        format!("{owner}:{}", pushed.head_ref)
+    }
+}
+
+/// What the pipeline keeps of a pull request; `draft` when GitHub does not say.
+fn pull_request(pull: &octocrab::models::pulls::PullRequest, draft: bool) -> PullRequest {
+    PullRequest {
+        url: pull
             .html_url
             .as_ref()
             .map(|u| u.to_string())
-            .unwrap_or_else(|| created.url.clone());
-        Ok(Some(PullRequest {
-            url,
-            number: created.number,
-            draft: created.draft.unwrap_or(draft),
-        }))
+            .unwrap_or_else(|| pull.url.clone()),
+        number: pull.number,
+        draft: pull.draft.unwrap_or(draft),
     }
 }
 
