@@ -489,6 +489,52 @@ pub fn decode_cursor(cursor: &str) -> Option<(u64, String)> {
 }
 
 /// Clamps a count into the `i64` SQL stores.
+/// A `jobs` row (the columns of `COLUMNS`) as a record; `cancel_requested` is read by the caller,
+/// as the backends store it differently (an integer, a boolean).
+fn job_record<'r, R>(row: &'r R, cancel_requested: bool) -> Result<JobRecord, StoreError>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let state: String = row.try_get("state")?;
+    let state = JobState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown job state `{state}`")))?;
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        state,
+        repo_url: row.try_get("repo_url")?,
+        prompt: row.try_get("prompt")?,
+        request: row.try_get("request")?,
+        created_at: from_sql_int(row.try_get("created_at")?),
+        result: JobResult {
+            state: Some(state),
+            finished_at: row
+                .try_get::<Option<i64>, _>("finished_at")?
+                .map(from_sql_int),
+            pr_url: row.try_get("pr_url")?,
+            branch: row.try_get("branch")?,
+            summary: row.try_get("summary")?,
+            files: row.try_get("files")?,
+            usage: row.try_get("usage")?,
+            error: row.try_get("error")?,
+        },
+        last_seq: from_sql_int(row.try_get("last_seq")?),
+        bytes: from_sql_int(row.try_get("bytes")?),
+        instance: row.try_get("instance")?,
+        cancel_requested,
+    })
+}
+
+/// A SQL count as a `usize`.
+fn count(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
 fn sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

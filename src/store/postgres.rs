@@ -19,9 +19,9 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Admission, Batch, Counts, Created, FirstEvents, Heartbeat, JobRecord, JobResult, JobState,
-    JobStore, ListQuery, NewJob, Notice, Refusal, Resource, Retention, StoreError, StoredEvent,
-    Unfinished, admit, from_sql_int, sql_int,
+    Admission, Batch, Counts, Created, FirstEvents, Heartbeat, JobRecord, JobStore, ListQuery,
+    NewJob, Notice, Refusal, Resource, Retention, StoreError, StoredEvent, Unfinished, admit,
+    count, from_sql_int, job_record, sql_int,
 };
 
 const COLUMNS: &str = "id, owner, state, repo_url, prompt, request, created_at, finished_at, \
@@ -152,38 +152,7 @@ async fn notify(
 }
 
 fn record(row: &PgRow) -> Result<JobRecord, StoreError> {
-    let state: String = row.try_get("state")?;
-    let state = JobState::parse(&state)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown job state `{state}`")))?;
-    Ok(JobRecord {
-        id: row.try_get("id")?,
-        owner: row.try_get("owner")?,
-        state,
-        repo_url: row.try_get("repo_url")?,
-        prompt: row.try_get("prompt")?,
-        request: row.try_get("request")?,
-        created_at: from_sql_int(row.try_get("created_at")?),
-        result: JobResult {
-            state: Some(state),
-            finished_at: row
-                .try_get::<Option<i64>, _>("finished_at")?
-                .map(from_sql_int),
-            pr_url: row.try_get("pr_url")?,
-            branch: row.try_get("branch")?,
-            summary: row.try_get("summary")?,
-            files: row.try_get("files")?,
-            usage: row.try_get("usage")?,
-            error: row.try_get("error")?,
-        },
-        last_seq: from_sql_int(row.try_get("last_seq")?),
-        bytes: from_sql_int(row.try_get("bytes")?),
-        instance: row.try_get("instance")?,
-        cancel_requested: row.try_get("cancel_requested")?,
-    })
-}
-
-fn count(n: i64) -> usize {
-    usize::try_from(n).unwrap_or(0)
+    job_record(row, row.try_get("cancel_requested")?)
 }
 
 fn millis(d: Duration) -> i64 {
