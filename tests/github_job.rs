@@ -78,6 +78,12 @@ async fn harness_with(
     Harness::new(options).await
 }
 
+/// Runs a job on `h` to its `Done`; its events.
+async fn run(h: &Harness, prompt: &str) -> Vec<Event> {
+    let job = h.registry.submit(request(prompt)).await.unwrap();
+    harness::events_of(&job).await
+}
+
 fn request(prompt: &str) -> JobRequest {
     JobRequest {
         repo: RepoRef::Remote {
@@ -204,12 +210,7 @@ fn assert_branch_holds(fake: &FakeGithub, base: &str, branch: &str, events: &[Ev
 async fn a_dummy_job_opens_a_pull_request_through_the_fake() {
     let (fake, base) = fake_with_repo().await;
     let h = harness(&fake, None).await;
-    let job = h
-        .registry
-        .submit(request(r#"replace "great" with "excellent" in README.md"#))
-        .await
-        .unwrap();
-    let events = harness::events_of(&job).await;
+    let events = run(&h, r#"replace "great" with "excellent" in README.md"#).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");
     let branch = done["branch"].as_str().unwrap().to_owned();
@@ -324,12 +325,7 @@ async fn github_calls_and_their_retries_are_counted() {
     let (fake, _base) = fake_with_repo().await;
     fake.fail(Fault::new("POST", "/git/trees", 502, "Server Error"));
     let h = harness(&fake, None).await;
-    let job = h
-        .registry
-        .submit(request(r#"replace "great" with "nice" in README.md"#))
-        .await
-        .unwrap();
-    let events = harness::events_of(&job).await;
+    let events = run(&h, r#"replace "great" with "nice" in README.md"#).await;
     assert_eq!(harness::done(&events)["status"], "succeeded");
     assert_eq!(statuses(&fake, "POST", "/git/trees"), [502, 201]);
     let text = metrics.render();
@@ -391,12 +387,7 @@ async fn a_job_timing_out_while_its_pull_request_opens_succeeds_with_it() {
     let (fake, _base) = fake_with_repo().await;
     fake.hold_answer("POST", "/pulls", Duration::from_secs(60));
     let h = harness_with(&fake, None, Duration::from_secs(4)).await;
-    let job = h
-        .registry
-        .submit(request(r#"replace "great" with "swell" in README.md"#))
-        .await
-        .unwrap();
-    let events = harness::events_of(&job).await;
+    let events = run(&h, r#"replace "great" with "swell" in README.md"#).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(
@@ -420,12 +411,7 @@ async fn a_pull_request_whose_answer_was_lost_is_the_jobs_pull_request() {
     let (fake, _base) = fake_with_repo().await;
     fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").after_success());
     let h = harness(&fake, None).await;
-    let job = h
-        .registry
-        .submit(request(r#"replace "great" with "fine" in README.md"#))
-        .await
-        .unwrap();
-    let events = harness::events_of(&job).await;
+    let events = run(&h, r#"replace "great" with "fine" in README.md"#).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");
     let pulls = fake.pulls();
@@ -451,12 +437,7 @@ async fn a_branch_whose_answer_was_lost_is_the_jobs_branch() {
     let (fake, base) = fake_with_repo().await;
     fake.fail(Fault::new("POST", "/git/refs", 502, "Server Error").after_success());
     let h = harness(&fake, None).await;
-    let job = h
-        .registry
-        .submit(request(r#"replace "great" with "grand" in README.md"#))
-        .await
-        .unwrap();
-    let events = harness::events_of(&job).await;
+    let events = run(&h, r#"replace "great" with "grand" in README.md"#).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "succeeded", "{done}");
     let branch = done["branch"].as_str().unwrap().to_owned();
@@ -473,12 +454,7 @@ async fn a_pull_request_that_was_never_opened_fails_the_job_naming_its_branch() 
     let (fake, base) = fake_with_repo().await;
     fake.fail(Fault::new("POST", "/pulls", 502, "Server Error").times(10_000));
     let h = harness(&fake, None).await;
-    let job = h
-        .registry
-        .submit(request(r#"replace "great" with "gone" in README.md"#))
-        .await
-        .unwrap();
-    let events = harness::events_of(&job).await;
+    let events = run(&h, r#"replace "great" with "gone" in README.md"#).await;
     let done = harness::done(&events);
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "github_unavailable", "{done}");

@@ -156,6 +156,34 @@ async fn until_cloning(server: &Server, id: &str) -> Vec<(u64, Value)> {
     seen
 }
 
+/// A `serve` on `db` and a fake E2B whose clone never answers (its lease 2 s), with one job
+/// started that will sit in its sandbox: the fake, the server's environment, the server, the job
+/// and its repository.
+async fn a_job_held_in_its_sandbox(
+    db: &TestDb,
+) -> (
+    FakeE2b,
+    Vec<(String, String)>,
+    Server,
+    String,
+    tempfile::TempDir,
+) {
+    let fake = FakeE2b::start().await;
+    fake.inject(Fault::Hang {
+        path: "/process.Process/Start".into(),
+        pattern: Some("TB-CLONED".into()),
+    });
+    let repo = repo_with(&[("a.txt", "a\n")]);
+    let env = e2b_env(&fake, db, "2");
+    let server = Server::start(&as_refs(&env));
+    let id = post_job(
+        &server,
+        &json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"}),
+    )
+    .await;
+    (fake, env, server, id, repo)
+}
+
 fn assert_lost(events: &[(u64, Value)]) {
     let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
@@ -169,19 +197,7 @@ fn assert_lost(events: &[(u64, Value)]) {
 
 async fn a_job_left_running_by_a_killed_process_ends_with_instance_lost(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let fake = FakeE2b::start().await;
-    fake.inject(Fault::Hang {
-        path: "/process.Process/Start".into(),
-        pattern: Some("TB-CLONED".into()),
-    });
-    let repo = repo_with(&[("a.txt", "a\n")]);
-    let env = e2b_env(&fake, &db, "2");
-    let mut first = Server::start(&as_refs(&env));
-    let id = post_job(
-        &first,
-        &json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"}),
-    )
-    .await;
+    let (fake, env, mut first, id, _repo) = a_job_held_in_its_sandbox(&db).await;
     let before = until_cloning(&first, &id).await;
     assert_eq!(fake.live_sandboxes(), 1);
     first.kill();
@@ -350,19 +366,7 @@ async fn two_instances_share_the_queue_and_stream_each_others_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_mid_job_lets_another_end_it() {
     let db = TestDb::new(Backend::Postgres).await;
-    let fake = FakeE2b::start().await;
-    fake.inject(Fault::Hang {
-        path: "/process.Process/Start".into(),
-        pattern: Some("TB-CLONED".into()),
-    });
-    let repo = repo_with(&[("a.txt", "a\n")]);
-    let env = e2b_env(&fake, &db, "2");
-    let mut a = Server::start(&as_refs(&env));
-    let id = post_job(
-        &a,
-        &json!({"repoUrl": repo.path().display().to_string(), "prompt": "append \"b\" to a.txt"}),
-    )
-    .await;
+    let (fake, env, mut a, id, _repo) = a_job_held_in_its_sandbox(&db).await;
     until_cloning(&a, &id).await;
     let b = Arc::new(Server::start(&as_refs(&env)));
     let follower = tokio::spawn({
