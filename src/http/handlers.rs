@@ -485,7 +485,6 @@ fn replayed_header(job: &JobHandle) -> Option<[(header::HeaderName, HeaderValue)
         (status = 200, description = "The job's events, from `Job Started` to `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame,
             headers(("X-Job-Id" = String, description = "The job's id"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this `Idempotency-Key` started the job"))),
         (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
-        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
@@ -523,7 +522,6 @@ pub async fn code(
         (status = 202, description = "The job was accepted", body = super::openapi::JobCreated,
             headers(("X-Job-Id" = String, description = "The job's id"), ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this `Idempotency-Key` started the job"))),
         (status = 400, description = "A bad request: invalid JSON, a missing or invalid field, a repository that is not allowed", body = super::openapi::ErrorBody),
-        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = super::openapi::ErrorBody),
         (status = 413, description = "The body is too large", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody),
@@ -583,8 +581,7 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, 
     params(("id" = String, Path, description = "The job's id")),
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
-        (status = 200, description = "The job", body = crate::job::state::JobView),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The job", body = crate::job::state::JobView)
     )
 )]
 pub async fn get_job(
@@ -707,8 +704,7 @@ pub struct EventsQuery {
     responses(
         (status = 200, description = "The events after the resume point, then live ones until `Done`", content_type = "text/event-stream", body = super::openapi::EventFrame),
         (status = 204, description = "The job is over and nothing is left after the resume point"),
-        (status = 400, description = "The resume point is not an event id", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 400, description = "The resume point is not an event id", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_events(
@@ -755,8 +751,6 @@ pub async fn job_events(
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "A token for this job's events, valid for a few minutes", body = super::openapi::EventsToken),
-        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody),
         (status = 415, description = "The body is not application/json", body = super::openapi::ErrorBody)
     )
 )]
@@ -786,8 +780,7 @@ pub async fn create_events_token(
     responses(
         (status = 200, description = "The patch", content_type = "text/x-diff", body = String,
             headers(("X-Patch-Truncated" = Option<String>, description = "`true` when the patch was cut at 8 MiB"))),
-        (status = 409, description = "The agent has not finished yet", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 409, description = "The agent has not finished yet", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn job_patch(
@@ -837,9 +830,7 @@ pub async fn job_patch(
     security((), ("bearer" = []), ("api_key" = [])),
     responses(
         (status = 202, description = "The job is being cancelled", body = super::openapi::Cancelling),
-        (status = 403, description = "A browser request from an origin that is not allowed", body = super::openapi::ErrorBody),
-        (status = 409, description = "The job has already finished", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such job (or another key's)", body = super::openapi::ErrorBody)
+        (status = 409, description = "The job has already finished", body = super::openapi::ErrorBody)
     )
 )]
 pub async fn cancel_job(

@@ -214,7 +214,7 @@ pub fn document() -> serde_json::Value {
 
 /// Answers documented once here rather than on each handler: what the HTTP edge (`edge.rs`)
 /// answers on every route before any handler runs, and what every job route answers alike (a
-/// missing key, the job store down).
+/// missing key, the job store down, another key's or no job, a cross-site write).
 struct EdgeAnswers;
 
 impl EdgeAnswers {
@@ -226,33 +226,49 @@ impl EdgeAnswers {
         ),
         ("431", "The headers are too large"),
     ];
-    const JOB_ROUTES: [(&'static str, &'static str); 2] = [
+    const JOB_ROUTE: [(&'static str, &'static str); 2] = [
         ("401", "A valid API key is required"),
         ("503", "The job store is unavailable"),
     ];
+    const ONE_JOB: (&'static str, &'static str) = ("404", "No such job (or another key's)");
+    const WRITE: (&'static str, &'static str) = (
+        "403",
+        "A browser request from an origin that is not allowed",
+    );
+
+    /// The shared answers of `method` on `path`.
+    fn of(path: &str, write: bool) -> Vec<(&'static str, &'static str)> {
+        let mut answers = Self::EVERY_ROUTE.to_vec();
+        if path == "/code" || path == "/jobs" || path.starts_with("/jobs/") {
+            answers.extend(Self::JOB_ROUTE);
+            if path.starts_with("/jobs/{id}") {
+                answers.push(Self::ONE_JOB);
+            }
+            if write {
+                answers.push(Self::WRITE);
+            }
+        }
+        answers
+    }
 }
 
 impl Modify for EdgeAnswers {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let job_route = path == "/code" || path == "/jobs" || path.starts_with("/jobs/");
-            let answers = Self::EVERY_ROUTE
-                .iter()
-                .chain(job_route.then_some(&Self::JOB_ROUTES).into_iter().flatten());
-            for operation in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.put,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                for (status, description) in answers.clone() {
+            for (operation, write) in [
+                (&mut item.get, false),
+                (&mut item.post, true),
+                (&mut item.delete, true),
+                (&mut item.put, true),
+                (&mut item.patch, true),
+            ] {
+                let Some(operation) = operation else {
+                    continue;
+                };
+                for (status, description) in Self::of(path, write) {
                     let response = ResponseBuilder::new()
-                        .description(*description)
+                        .description(description)
                         .content(
                             "application/json",
                             ContentBuilder::new()
@@ -263,7 +279,7 @@ impl Modify for EdgeAnswers {
                     operation
                         .responses
                         .responses
-                        .entry((*status).to_owned())
+                        .entry(status.to_owned())
                         .or_insert(response.into());
                 }
             }
